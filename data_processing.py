@@ -1,0 +1,612 @@
+"""Data: tokenizer, MNLI-by-genre and Amazon readers, splits, feature cache, batch sampler, and
+the synthetic sample generator.
+
+Reads
+  MNLI:   <data_dir>/train.tsv, <data_dir>/dev_matched.tsv (GLUE format)
+  Amazon: <data_dir>/<domain>/{positive,negative}.review (Blitzer et al., unprocessed files)
+Writes
+  <cache_dir>/<key>.pt: tokenized tensors, keyed by everything that changes them.
+
+The synthetic corpus (``python data_processing.py --out dataset/sample``) is written in the same
+two formats, so the real readers are what the demo and the tests exercise.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import utils
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer (REFERENCE.md section 2)
+# --------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def load_vocab(path: str) -> Dict[str, int]:
+    """Token -> id, one token per line in id order (the format of BERT's vocab.txt)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: vocabulary file not found")
+    vocab: Dict[str, int] = {}
+    with open(path, encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            vocab[line.rstrip("\n")] = index
+    for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
+        if token not in vocab:
+            raise ValueError(f"{path}: vocabulary has no {token} token")
+    return vocab
+
+
+class WordPieceTokenizer:
+    """Google BERT's basic + WordPiece tokenization, run by the `tokenizers` library.
+
+    Clean text, whitespace split, optional lower-casing and accent stripping, punctuation split,
+    CJK ideographs isolated, greedy longest-match-first WordPiece with ``##`` continuations,
+    [UNK] for unmatched words and words over 100 characters: the same ids as
+    ``transformers.BertTokenizer``.
+    """
+
+    def __init__(self, vocab_file: str, lowercase: bool = True):
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+        self.vocab_file = vocab_file
+        self.vocab = load_vocab(vocab_file)
+        self.lowercase = lowercase
+        backend = Tokenizer(models.WordPiece(self.vocab, unk_token="[UNK]",
+                                             max_input_chars_per_word=100))
+        backend.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=lowercase,
+            lowercase=lowercase)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self.backend = backend
+        self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
+        self.pad_id = self.vocab["[PAD]"]
+
+    def __len__(self):
+        """Number of ids (vocab.txt lines; a repeated token keeps its last id, as BERT's does)."""
+        return max(self.vocab.values()) + 1
+
+    def tokenize_ids(self, texts: Sequence[str]) -> List[List[int]]:
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def tokenize(self, text: str) -> List[str]:
+        return self.backend.encode(text, add_special_tokens=False).tokens
+
+    def encode_pairs(self, texts_a: Sequence[str], texts_b: Optional[Sequence[Optional[str]]],
+                     max_seq_length: int) -> Dict[str, np.ndarray]:
+        """Features for single texts or pairs, padded to exactly ``max_seq_length``."""
+        ids_a = self.tokenize_ids(texts_a)
+        has_pairs = texts_b is not None and any(t is not None for t in texts_b)
+        ids_b = (self.tokenize_ids([t or "" for t in texts_b]) if has_pairs
+                 else [None] * len(ids_a))
+        count = len(ids_a)
+        input_ids = np.full((count, max_seq_length), self.pad_id, dtype=np.int32)
+        segment_ids = np.zeros((count, max_seq_length), dtype=np.int32)
+        attention_mask = np.zeros((count, max_seq_length), dtype=np.int32)
+        for row, (first, second) in enumerate(zip(ids_a, ids_b)):
+            tokens, segments = build_inputs(first, second, max_seq_length, self.cls_id,
+                                            self.sep_id)
+            input_ids[row, :len(tokens)] = tokens
+            segment_ids[row, :len(tokens)] = segments
+            attention_mask[row, :len(tokens)] = 1
+        return {"input_ids": input_ids, "segment_ids": segment_ids,
+                "attention_mask": attention_mask}
+
+
+def truncate_pair(first: List[int], second: List[int], max_tokens: int):
+    """Remove one token at a time from the longer part (from ``second`` when equal).
+
+    This keeps as much of each part as the budget allows; a short sentence is not cut while a
+    long one still has tokens to give, which is Google BERT's heuristic.
+    """
+    first, second = list(first), list(second)
+    while len(first) + len(second) > max_tokens:
+        if len(first) > len(second):
+            first.pop()
+        else:
+            second.pop()
+    return first, second
+
+
+def build_inputs(first: List[int], second: Optional[List[int]], max_seq_length: int,
+                 cls_id: int, sep_id: int) -> Tuple[List[int], List[int]]:
+    """[CLS] a [SEP] (b [SEP]) with segment ids 0 for a's part and 1 for b's."""
+    if second is None:
+        first = first[:max_seq_length - 2]
+        return [cls_id] + first + [sep_id], [0] * (len(first) + 2)
+    first, second = truncate_pair(first, second, max_seq_length - 3)
+    tokens = [cls_id] + first + [sep_id] + second + [sep_id]
+    return tokens, [0] * (len(first) + 2) + [1] * (len(second) + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers and splits
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Example:
+    text_a: str
+    text_b: Optional[str]
+    label: int
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line)."""
+
+
+def _check_ratios(train_ratio: float, dev_ratio: float):
+    for name, value in (("train_ratio", train_ratio), ("dev_ratio", dev_ratio)):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"--{name} must be in (0, 1], got {value}")
+
+
+class MnliProcessor:
+    """MNLI by genre (REFERENCE.md section 2): train/dev from train.tsv, test = dev_matched.tsv."""
+
+    name = "mnli"
+    domains = ["fiction", "government", "slate", "telephone", "travel"]
+    labels = ["contradiction", "entailment", "neutral"]
+    fit_domain = "telephone"
+    GENRE, SENTENCE1, SENTENCE2 = 3, 8, 9
+
+    def files(self, data_dir: str) -> List[str]:
+        return [os.path.join(data_dir, "train.tsv"), os.path.join(data_dir, "dev_matched.tsv")]
+
+    def _read_tsv(self, path: str) -> Dict[str, List[Example]]:
+        """Rows of one file grouped by genre, in file order."""
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: data file not found")
+        by_genre: Dict[str, List[Example]] = {}
+        label_ids = {label: i for i, label in enumerate(self.labels)}
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            # No quote character: GLUE rows hold unbalanced quotes (REFERENCE.md section 6).
+            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: empty file")
+            for line_number, row in enumerate(reader, start=2):
+                if len(row) <= self.SENTENCE2 + 1:
+                    raise DataError(f"{path}:{line_number}: expected at least "
+                                    f"{self.SENTENCE2 + 2} tab-separated columns, found {len(row)}")
+                label = row[-1].strip()
+                if label not in label_ids:
+                    raise DataError(f"{path}:{line_number}: unknown label '{label}' "
+                                    f"(expected one of {', '.join(self.labels)})")
+                by_genre.setdefault(row[self.GENRE], []).append(
+                    Example(row[self.SENTENCE1], row[self.SENTENCE2], label_ids[label]))
+        return by_genre
+
+    def read_splits(self, data_dir: str, domain: str, train_ratio: float = 0.9,
+                    dev_ratio: float = 0.1, data_seed: int = 42) -> Dict[str, List[Example]]:
+        _check_domain(self, domain)
+        _check_ratios(train_ratio, dev_ratio)
+        train_file, test_file = self.files(data_dir)
+        rows = _cached_read(self._read_tsv, train_file).get(domain, [])
+        if not rows:
+            raise DataError(f"{train_file}: no examples of genre '{domain}'")
+        test = _cached_read(self._read_tsv, test_file).get(domain, [])
+        if not test:
+            raise DataError(f"{test_file}: no examples of genre '{domain}'")
+        count = len(rows)
+        train = rows[:math.floor(train_ratio * count)]
+        dev = rows[math.floor((1.0 - dev_ratio) * count):]
+        if not train:
+            raise DataError(f"{train_file}: genre '{domain}' has no training examples at "
+                            f"train_ratio {train_ratio}")
+        return {"train": train, "dev": dev, "test": test}
+
+
+class AmazonProcessor:
+    """Amazon multi-domain reviews: 2,000 per domain, shuffled once, fixed split counts."""
+
+    name = "amazon"
+    domains = ["books", "dvd", "electronics", "kitchen"]
+    labels = ["negative", "positive"]  # a fixed list, not the released code's Python set
+    fit_domain = "books"
+    SPLIT_COUNTS = {"books": (1631, 170, 199), "dvd": (1621, 194, 185),
+                    "electronics": (1615, 172, 213), "kitchen": (1613, 184, 203)}
+    FOLDER_ALIASES = {"kitchen": ["kitchen", "kitchen_&_housewares"]}
+
+    def domain_dir(self, data_dir: str, domain: str) -> str:
+        for folder in self.FOLDER_ALIASES.get(domain, [domain]):
+            candidate = os.path.join(data_dir, folder)
+            if os.path.isdir(candidate):
+                return candidate
+        raise DataError(f"{os.path.join(data_dir, domain)}: data directory not found")
+
+    def files(self, data_dir: str, domain: str) -> List[str]:
+        folder = self.domain_dir(data_dir, domain)
+        return [os.path.join(folder, f"{label}.review") for label in self.labels]
+
+    @staticmethod
+    def read_review_file(path: str) -> List[str]:
+        """Texts of every <review_text> block, lines joined with single spaces.
+
+        Bytes that are not UTF-8 (the original files hold some Latin-1) are decoded as U+FFFD,
+        which the tokenizer drops, instead of stopping the run.
+        """
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: data file not found")
+        texts, current = [], None
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                stripped = line.strip()
+                if stripped == "<review_text>":
+                    current = []
+                elif stripped == "</review_text>":
+                    if current is not None:
+                        texts.append(" ".join(current))
+                    current = None
+                elif current is not None and stripped:
+                    current.append(stripped)
+        if not texts:
+            raise DataError(f"{path}: no <review_text> blocks found")
+        return texts
+
+    def split_counts(self, domain: str, total: int) -> Tuple[int, int, int]:
+        """The spec's counts for the real 2,000-review domains; else about 81.5/8.5/10%."""
+        counts = self.SPLIT_COUNTS.get(domain)
+        if counts and sum(counts) == total:
+            return counts
+        test = round(0.1 * total)
+        dev = round(0.085 * total)
+        return total - dev - test, dev, test
+
+    def read_splits(self, data_dir: str, domain: str, train_ratio: float = 0.9,
+                    dev_ratio: float = 0.1, data_seed: int = 42) -> Dict[str, List[Example]]:
+        _check_domain(self, domain)
+        _check_ratios(train_ratio, dev_ratio)
+        reviews = []
+        for label_id, path in enumerate(self.files(data_dir, domain)):
+            reviews += [Example(text, None, label_id) for text in self.read_review_file(path)]
+        # Shuffled once with a fixed data seed, so splits do not depend on the run's --seed.
+        random.Random(data_seed).shuffle(reviews)
+        n_train, n_dev, _ = self.split_counts(domain, len(reviews))
+        train = reviews[:n_train]
+        # Few-shot: train_ratio is relative to the default 0.9 (0.9 x p keeps a fraction p).
+        keep = max(1, math.floor(len(train) * min(train_ratio / 0.9, 1.0)))
+        return {"train": train[:keep], "dev": reviews[n_train:n_train + n_dev],
+                "test": reviews[n_train + n_dev:]}
+
+
+PROCESSORS = {"mnli": MnliProcessor, "amazon": AmazonProcessor}
+
+
+def get_processor(task: str):
+    if task not in PROCESSORS:
+        raise ValueError(f"unknown task '{task}' (expected one of {', '.join(PROCESSORS)})")
+    return PROCESSORS[task]()
+
+
+def _check_domain(processor, domain: str):
+    if domain not in processor.domains:
+        raise ValueError(f"unknown {processor.name} domain '{domain}' "
+                         f"(expected one of {', '.join(processor.domains)})")
+
+
+_READ_CACHE: Dict[tuple, object] = {}
+
+
+def _cached_read(read, path: str):
+    """Parse each file once per process (MNLI's train.tsv serves five genres)."""
+    stat = os.stat(path) if os.path.exists(path) else None
+    key = (read.__qualname__, os.path.abspath(path), stat and stat.st_mtime_ns,
+           stat and stat.st_size)
+    if key not in _READ_CACHE:
+        _READ_CACHE[key] = read(path)
+    return _READ_CACHE[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Features and their cache
+# --------------------------------------------------------------------------------------------
+FEATURE_VERSION = 1
+
+
+def _file_signature(path: str) -> list:
+    stat = os.stat(path)
+    return [os.path.abspath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def feature_cache_key(task: str, data_dir: str, domain: str, tokenizer: WordPieceTokenizer,
+                      max_seq_length: int, train_ratio: float, dev_ratio: float,
+                      data_seed: int) -> str:
+    processor = get_processor(task)
+    files = (processor.files(data_dir) if task == "mnli" else processor.files(data_dir, domain))
+    with open(tokenizer.vocab_file, "rb") as handle:
+        vocab_hash = hashlib.sha1(handle.read()).hexdigest()
+    described = {"version": FEATURE_VERSION, "task": task, "domain": domain,
+                 "files": [_file_signature(f) for f in files if os.path.exists(f)],
+                 "vocab": vocab_hash, "lowercase": tokenizer.lowercase,
+                 "max_seq_length": max_seq_length, "train_ratio": train_ratio,
+                 "dev_ratio": dev_ratio, "data_seed": data_seed}
+    digest = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{task}_{domain}_{max_seq_length}_{digest}"
+
+
+def examples_to_tensors(examples: List[Example], tokenizer: WordPieceTokenizer,
+                        max_seq_length: int) -> Dict[str, torch.Tensor]:
+    arrays = tokenizer.encode_pairs([e.text_a for e in examples],
+                                    [e.text_b for e in examples], max_seq_length)
+    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    tensors["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return tensors
+
+
+def load_domain_features(task: str, data_dir: str, domain: str, tokenizer: WordPieceTokenizer,
+                         max_seq_length: int, train_ratio: float = 0.9, dev_ratio: float = 0.1,
+                         data_seed: int = 42, cache_dir: Optional[str] = None,
+                         dist=None) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Tokenized tensors of every split of one domain, read from / written to the cache.
+
+    With ``dist`` (utils.Distributed) rank 0 builds and writes the cache while the others wait.
+    """
+    key = feature_cache_key(task, data_dir, domain, tokenizer, max_seq_length, train_ratio,
+                            dev_ratio, data_seed) if cache_dir else None
+    path = os.path.join(cache_dir, key + ".pt") if cache_dir else None
+    is_main = dist is None or dist.is_main
+    if dist is not None and not is_main:
+        dist.barrier()
+    try:
+        if path and os.path.isfile(path):
+            return torch.load(path, weights_only=True)
+        splits = get_processor(task).read_splits(data_dir, domain, train_ratio, dev_ratio,
+                                                 data_seed)
+        features = {split: examples_to_tensors(examples, tokenizer, max_seq_length)
+                    for split, examples in splits.items()}
+        if path and is_main:
+            utils.atomic_torch_save(features, path)
+        return features
+    finally:
+        if dist is not None and is_main:
+            dist.barrier()
+
+
+def take(features: Dict[str, torch.Tensor], indices) -> Dict[str, torch.Tensor]:
+    """Rows ``indices`` of every feature tensor, as int64 (what embeddings and losses take)."""
+    index = torch.as_tensor(indices, dtype=torch.long)
+    return {name: tensor.index_select(0, index).long() for name, tensor in features.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Batch sampler (REFERENCE.md section 2)
+# --------------------------------------------------------------------------------------------
+class MultiDomainBatchSampler:
+    """Every step holds ``batch_size`` examples of EVERY domain, per process.
+
+    An epoch has ceil(n_fit / (batch_size * world_size)) steps. Each domain is shuffled every
+    epoch from (seed, epoch, domain), the fit domain included (the released code never shuffled
+    it), and cycles through its permutation as often as the epoch needs. Rank r of a step takes
+    the r-th slice of the step's global batch, so ranks see distinct examples. With one domain
+    this is the single-domain sampler of stages 1 and 2 (a last partial batch is completed by
+    wrapping around).
+    """
+
+    def __init__(self, domain_sizes: Sequence[int], batch_size: int, fit_domain: int = 0,
+                 seed: int = 42, rank: int = 0, world_size: int = 1):
+        if batch_size <= 0:
+            raise ValueError(f"--batch_size must be positive, got {batch_size}")
+        if any(size <= 0 for size in domain_sizes):
+            raise ValueError(f"every domain needs training examples, got sizes {list(domain_sizes)}")
+        self.domain_sizes = list(domain_sizes)
+        self.batch_size = batch_size
+        self.fit_domain = fit_domain
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        global_batch = batch_size * world_size
+        self.steps_per_epoch = math.ceil(self.domain_sizes[fit_domain] / global_batch)
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+    def _domain_stream(self, epoch: int, domain: int) -> np.ndarray:
+        size = self.domain_sizes[domain]
+        generator = np.random.default_rng([self.seed, epoch, domain])
+        permutation = generator.permutation(size)
+        needed = self.steps_per_epoch * self.batch_size * self.world_size
+        return np.tile(permutation, math.ceil(needed / size))[:needed]
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        """Yields, for each step from ``start_step``, one index array per domain."""
+        streams = [self._domain_stream(epoch, d) for d in range(len(self.domain_sizes))]
+        width = self.batch_size
+        for step in range(start_step, self.steps_per_epoch):
+            offset = (step * self.world_size + self.rank) * width
+            yield [stream[offset:offset + width] for stream in streams]
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic sample in the real formats
+# --------------------------------------------------------------------------------------------
+SAMPLE_SIZES = {
+    # name: (MNLI train rows per genre, MNLI dev_matched rows per genre, reviews per label)
+    "tiny": (60, 20, 40),
+    "small": (700, 90, 250),
+    "full": (4000, 400, 1000),
+}
+
+_FILLER = ["i", "this", "the", "it", "was", "and", "for", "my", "a", "with", "after", "really",
+           "quite", "bought", "got", "we", "our", "so", "overall", "week", "month", "again",
+           "one", "its", "is", "have", "had", "to", "of", "all"]
+
+# Cues shared by all domains, domain-specific cues, and words that flip polarity across domains.
+_SHARED_CUES = {"positive": ["great", "excellent", "love", "recommend", "perfect"],
+                "negative": ["terrible", "awful", "disappointed", "waste", "poor"]}
+_AMAZON_STYLE = {
+    "books": {"nouns": ["novel", "author", "chapter", "story", "characters", "plot"],
+              "positive": ["gripping", "insightful", "unpredictable"],
+              "negative": ["boring", "predictable", "long"]},
+    "dvd": {"nouns": ["movie", "film", "actors", "scenes", "director", "soundtrack"],
+            "positive": ["hilarious", "stunning", "unpredictable"],
+            "negative": ["dull", "overacted", "long"]},
+    "electronics": {"nouns": ["camera", "battery", "headphones", "charger", "screen", "cable"],
+                    "positive": ["reliable", "fast", "long"],
+                    "negative": ["defective", "overheats", "unpredictable"]},
+    "kitchen": {"nouns": ["blender", "knife", "pan", "kettle", "toaster", "pot"],
+                "positive": ["sturdy", "sharp", "long"],
+                "negative": ["rusty", "flimsy", "unpredictable"]},
+}
+_NLI_STYLE = {
+    "fiction": {"subjects": ["the girl", "the old man", "the stranger", "her brother"],
+                "verbs": ["opened", "watched", "carried", "found"],
+                "objects": ["door", "letter", "lamp", "horse"], "negation": "never"},
+    "government": {"subjects": ["the agency", "the committee", "the senator", "the office"],
+                   "verbs": ["approved", "reviewed", "funded", "reported"],
+                   "objects": ["budget", "program", "rule", "proposal"], "negation": "refused to"},
+    "slate": {"subjects": ["the critic", "the columnist", "the magazine", "the editor"],
+              "verbs": ["praised", "mocked", "published", "questioned"],
+              "objects": ["essay", "campaign", "album", "policy"], "negation": "never"},
+    "telephone": {"subjects": ["my wife", "my neighbor", "our kids", "my friend"],
+                  "verbs": ["liked", "fixed", "bought", "watched"],
+                  "objects": ["car", "garden", "show", "house"], "negation": "did not"},
+    "travel": {"subjects": ["the visitor", "the ferry", "the guide", "the tourist"],
+               "verbs": ["reached", "crossed", "visited", "photographed"],
+               "objects": ["island", "temple", "harbor", "market"], "negation": "did not"},
+}
+_NLI_ADJECTIVES = ["small", "old", "new", "famous", "quiet", "large"]
+_NLI_REASONS = ["because it was late", "for the first time", "with great care",
+                "despite the rain", "to everyone's surprise"]
+
+
+def _review_text(rng: random.Random, domain: str, positive: bool) -> List[str]:
+    """Lines of one review; polarity carried by 2-3 cues, each agreeing with the label w.p. 0.85."""
+    style = _AMAZON_STYLE[domain]
+    polarity = "positive" if positive else "negative"
+    other = "negative" if positive else "positive"
+    lines = []
+    for _ in range(rng.randint(2, 3)):
+        cue_polarity = polarity if rng.random() < 0.85 else other
+        pool = _SHARED_CUES[cue_polarity] if rng.random() < 0.5 else style[cue_polarity]
+        words = rng.sample(_FILLER, 4) + [rng.choice(style["nouns"]), rng.choice(pool)]
+        rng.shuffle(words)
+        lines.append(" ".join(words) + rng.choice([".", "!", "..."]))
+    if rng.random() < 0.3:
+        lines.append('"' + " ".join(rng.sample(_FILLER, 3)) + '," she said')
+    return lines
+
+
+def write_review_file(path: str, texts: List[List[str]], domain: str, rating: float):
+    with open(path, "w", encoding="utf-8") as handle:
+        for number, lines in enumerate(texts):
+            handle.write(f"<review>\n<unique_id>\n{domain}-{rating}-{number}\n</unique_id>\n"
+                         f"<asin>\nB{number:09d}\n</asin>\n<product_name>\n{domain} item "
+                         f"{number}\n</product_name>\n<helpful>\n1 of 2\n</helpful>\n"
+                         f"<rating>\n{rating}\n</rating>\n<title>\nreview {number}\n</title>\n"
+                         f"<date>\nMarch 3, 2006\n</date>\n<reviewer>\nsomeone\n</reviewer>\n"
+                         f"<review_text>\n" + "\n".join(lines) + "\n</review_text>\n</review>\n")
+
+
+def _nli_pair(rng: random.Random, genre: str) -> Tuple[str, str, str]:
+    style = _NLI_STYLE[genre]
+    subject, verb, obj = (rng.choice(style["subjects"]), rng.choice(style["verbs"]),
+                          rng.choice(style["objects"]))
+    premise = f"{subject} {verb} the {rng.choice(_NLI_ADJECTIVES)} {obj} ."
+    label = rng.choice(["contradiction", "entailment", "neutral"])
+    negation = "not" if rng.random() < 0.5 else style["negation"]
+    if label == "entailment":
+        hypothesis = f"{subject} {verb} the {obj} ."
+    elif label == "contradiction":
+        hypothesis = f"{subject} {negation} {verb} the {obj} ."
+    else:
+        hypothesis = f"{subject} {verb} the {obj} {rng.choice(_NLI_REASONS)} ."
+    if rng.random() < 0.1:  # label noise: the task is learnable, not trivial
+        label = rng.choice(["contradiction", "entailment", "neutral"])
+    if rng.random() < 0.1:  # an unbalanced quote, as GLUE rows have
+        premise = '"' + premise
+    return premise, hypothesis, label
+
+
+def _parse_of(sentence: str) -> str:
+    return "( " + " ".join(sentence.split()) + " )"
+
+
+def write_mnli_file(path: str, rows: List[Tuple[str, str, str, str]], test: bool):
+    """GLUE MNLI columns: train has label1, dev_matched label1..label5, then gold_label."""
+    label_columns = ["label1", "label2", "label3", "label4", "label5"] if test else ["label1"]
+    header = (["index", "promptID", "pairID", "genre", "sentence1_binary_parse",
+               "sentence2_binary_parse", "sentence1_parse", "sentence2_parse", "sentence1",
+               "sentence2"] + label_columns + ["gold_label"])
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write("\t".join(header) + "\n")
+        for index, (genre, premise, hypothesis, label) in enumerate(rows):
+            fields = [str(index), str(1000 + index), f"{1000 + index}e", genre,
+                      _parse_of(premise), _parse_of(hypothesis), "(ROOT " + premise + ")",
+                      "(ROOT " + hypothesis + ")", premise, hypothesis]
+            fields += [label] * len(label_columns) + [label]
+            handle.write("\t".join(fields) + "\n")
+
+
+def sample_vocabulary() -> List[str]:
+    """Every word the generator uses, punctuation, and single characters as WordPiece pieces."""
+    words = set(_FILLER) | {w for cues in _SHARED_CUES.values() for w in cues}
+    for style in _AMAZON_STYLE.values():
+        words |= set(style["nouns"]) | set(style["positive"]) | set(style["negative"])
+    for style in _NLI_STYLE.values():
+        for phrase in style["subjects"] + style["verbs"] + style["objects"] + [style["negation"]]:
+            words |= set(phrase.split())
+    for phrase in _NLI_ADJECTIVES + _NLI_REASONS + ["not she said item review"]:
+        words |= set(phrase.replace("'", " ' ").split())
+    punctuation = list(".,!?'\"-()")
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    return (list(SPECIAL_TOKENS) + punctuation + letters + ["##" + c for c in letters]
+            + sorted(words - set(letters) - set(punctuation)))
+
+
+def generate_sample(out_dir: str, size: str = "small", seed: int = 0) -> Dict[str, str]:
+    """Write the synthetic corpus; returns the paths of the MNLI dir, the Amazon dir, the vocab.
+
+    Labels follow lexical cues a small model learns in a few hundred steps: shared cues (the
+    same in every domain) and domain-specific or polarity-flipping cues, so that what transfers
+    across domains and what does not can be measured.
+    """
+    if size not in SAMPLE_SIZES:
+        raise ValueError(f"unknown sample size '{size}' (expected one of {', '.join(SAMPLE_SIZES)})")
+    n_train, n_test, n_reviews = SAMPLE_SIZES[size]
+    rng = random.Random(seed)
+    mnli_dir = os.path.join(out_dir, "MNLI")
+    amazon_dir = os.path.join(out_dir, "amazon")
+    os.makedirs(mnli_dir, exist_ok=True)
+    train_rows, test_rows = [], []
+    for genre in MnliProcessor.domains:
+        # The fit domain is the largest, as telephone is in the real data.
+        scale = 1.5 if genre == MnliProcessor.fit_domain else 1.0
+        train_rows += [(genre, *_nli_pair(rng, genre)) for _ in range(int(n_train * scale))]
+        test_rows += [(genre, *_nli_pair(rng, genre)) for _ in range(n_test)]
+    rng.shuffle(train_rows)  # genres interleave in the real file
+    write_mnli_file(os.path.join(mnli_dir, "train.tsv"), train_rows, test=False)
+    write_mnli_file(os.path.join(mnli_dir, "dev_matched.tsv"), test_rows, test=True)
+    for domain in AmazonProcessor.domains:
+        folder = os.path.join(amazon_dir, domain)
+        os.makedirs(folder, exist_ok=True)
+        for positive, rating in ((True, 5.0), (False, 1.0)):
+            texts = [_review_text(rng, domain, positive) for _ in range(n_reviews)]
+            name = "positive.review" if positive else "negative.review"
+            write_review_file(os.path.join(folder, name), texts, domain, rating)
+    vocab_path = os.path.join(out_dir, "vocab.txt")
+    utils.atomic_write_text(vocab_path, "\n".join(sample_vocabulary()) + "\n")
+    return {"mnli": mnli_dir, "amazon": amazon_dir, "vocab": vocab_path}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write the synthetic MNLI/Amazon-format sample.")
+    parser.add_argument("--out", default="dataset/sample", help="output directory")
+    parser.add_argument("--size", default="small", choices=sorted(SAMPLE_SIZES))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    paths = generate_sample(args.out, args.size, args.seed)
+    print(json.dumps(paths, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

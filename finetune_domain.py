@@ -1,0 +1,129 @@
+"""Stage 2: TinyBERT-KD, distil one domain's teacher into a small student (no hard labels).
+
+loss = hidden_ratio * (MSE(emb) + sum_i [MSE(att) + MSE(hidden)]) + pred_ratio * SCE(logits)
+with student block i learning from teacher block i * L_t / L_s (REFERENCE.md section 4).
+
+Reads  --teacher_dir (the stage-1 run directory, or a checkpoint file), --student_init (e.g.
+       pretrained_ckpt/tinybert-4l-312: the general TinyBERT; optional), the data.
+Writes --output_dir: as train_domain.py (best_model.bin is the student).
+
+Single process (effective batch 32):
+    python finetune_domain.py --task amazon --data_dir dataset/amazon --domain books \
+        --teacher_dir runs/teacher/amazon_books --student_init pretrained_ckpt/tinybert-4l-312 \
+        --output_dir runs/tinybert_kd/amazon_books --do_train --do_test
+Four GPUs:  torchrun --standalone --nproc_per_node 4 finetune_domain.py ... --batch_size 8
+The launcher finetune_domain.sh loops over every domain of both data sets.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import utils
+from data_processing import get_processor
+from distillation import mapped_score_layers, tinybert_kd_loss
+from modeling import (BertClassifier, find_weights_file, load_weights, model_from_checkpoint,
+                      resolve_config)
+
+
+def add_student_args(parser: argparse.ArgumentParser):
+    """Student and distillation flags shared by stages 2 and 4."""
+    group = parser.add_argument_group("student and distillation")
+    group.add_argument("--teacher_dir", required=True,
+                       help="the teacher's run directory (or a checkpoint file)")
+    group.add_argument("--student_config", default="tinybert_4l_312",
+                       help="a preset name or a config.json (file or folder)")
+    group.add_argument("--student_init", default=None,
+                       help="general TinyBERT weights (folder or file); none: random init")
+    group.add_argument("--hidden_ratio", type=float, default=1.0)
+    group.add_argument("--pred_ratio", type=float, default=1.0)
+    group.add_argument("--temperature", type=float, default=1.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    utils.add_common_args(parser, lr=5e-5, epochs=10, batch_size=32)
+    add_student_args(parser)
+    return parser
+
+
+def student_vocab(args) -> str:
+    """--vocab_file, else the student's initial checkpoint's, else the teacher run's."""
+    if args.vocab_file or args.student_init:
+        return utils.default_vocab(args, args.student_init)
+    teacher = args.teacher_dir if os.path.isdir(args.teacher_dir) else os.path.dirname(args.teacher_dir)
+    return os.path.join(teacher, "vocab.txt")
+
+
+def build_student(args, vocab_size: int, num_labels: int, teacher_width: int,
+                  num_domains=None) -> BertClassifier:
+    config = resolve_config(args.student_config, vocab_size)
+    utils.check_sequence_length(config, args.max_seq_length, "student")
+    student = BertClassifier(config, num_labels, num_domains=num_domains, fit_size=teacher_width)
+    if args.student_init:
+        load_weights(student, args.student_init)
+    return student
+
+
+def make_kd_loss(teacher, args):
+    """The stage-2 objective as the loop's compute_loss."""
+    score_layers = None
+
+    def compute_loss(student, batches):
+        nonlocal score_layers
+        batch = batches[0]
+        inputs = (batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
+        if score_layers is None:
+            score_layers = mapped_score_layers(utils.unwrap(student).config.num_hidden_layers,
+                                               teacher.config.num_hidden_layers)
+        with torch.no_grad():  # frozen teacher; only the mapped layers' scores are built
+            teacher_out = teacher(*inputs, score_layers=score_layers)
+        student_out = student(*inputs)
+        return tinybert_kd_loss(student_out, teacher_out, args.hidden_ratio, args.pred_ratio,
+                                args.temperature)
+
+    return compute_loss
+
+
+def run(args):
+    utils.validate_common_args(args)
+    dist = utils.Distributed()
+    utils.setup_logging(main=dist.is_main)
+    utils.set_seed(args.seed)
+    processor = get_processor(args.task)
+    vocab_file = student_vocab(args)
+    tokenizer, features = utils.load_features(args, [args.domain], vocab_file, dist)
+    run_dir = utils.RunDir(args.output_dir, dist.is_main)
+    head_of = {args.domain: None}
+    if args.do_train:
+        teacher_file = find_weights_file(args.teacher_dir)
+        teacher = utils.freeze(model_from_checkpoint(teacher_file)).to(dist.device)
+        utils.check_sequence_length(teacher.config, args.max_seq_length, "teacher")
+        student = build_student(args, len(tokenizer), len(processor.labels),
+                                teacher.config.hidden_size)
+        run_dir.prepare_for_training(args)
+        utils.setup_logging(run_dir.file("train.log"), dist.is_main)
+        utils.copy_vocab(vocab_file, run_dir)
+        stage = utils.Stage(
+            model=student, domains=[args.domain], fit_domain=args.domain,
+            train_features=utils.split_of(features, "train"),
+            dev_features=utils.split_of(features, "dev"), head_of=head_of,
+            compute_loss=make_kd_loss(teacher, args),
+            checkpoint_meta={"task": args.task, "domains": [args.domain],
+                             "labels": processor.labels, "stage": "finetune_domain",
+                             "teacher": os.path.abspath(teacher_file)})
+        utils.train(args, stage, run_dir, dist)
+    if args.do_test and dist.is_main:
+        utils.run_test(args, run_dir, [args.domain], head_of, utils.split_of(features, "test"),
+                       utils.split_of(features, "dev"), dist.device, model_from_checkpoint)
+    dist.close()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return utils.main_guard(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

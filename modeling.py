@@ -1,0 +1,479 @@
+"""BERT / TinyBERT encoders with one or several classification heads, and checkpoint loading.
+
+Everything a stage script needs to build a model lives here:
+
+* ``BertConfig``: field names are those of Hugging Face ``config.json`` files, so the config of
+  bert-base-uncased, of the general TinyBERT or of any HF BERT loads as it is.
+* ``PRESETS``: the named sizes used by the ``.sh`` launchers (``bert_base``, ``bert_large``,
+  ``tinybert_4l_312``, ``tinybert_6l_768``) plus two tiny sizes for the demo and the tests.
+* ``BertClassifier``: the encoder, the pooler, one head (``classifier``) or one head per domain
+  (``classifiers.<d>``), and for students the "fit" maps to the teacher's width. Its forward pass
+  reports logits, every hidden state and every block's pre-softmax masked attention scores.
+* ``load_weights``: the one function that reads every checkpoint format users have (Google/HF
+  old and new naming, safetensors, general TinyBERT directories, files written by the released
+  HRKD code and by this project).
+
+Module names match the released HRKD code (REFERENCE.md section 6), so its ``state_dict`` loads
+without renaming.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Additive attention-mask value of the released code on padded key positions.
+MASK_VALUE = -10000.0
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BertConfig:
+    """Model sizes with the field names of Hugging Face ``config.json``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu_new"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    # The released code uses PyTorch's default LayerNorm eps everywhere (REFERENCE.md section 3);
+    # HF config.json files carry their own 1e-12.
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "BertConfig":
+        """Build from a dict, ignoring keys that are not model sizes (architectures, ...)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in values.items() if k in names})
+        if "layer_norm_eps" not in values and "hidden_size" in values:
+            # A config.json without the field follows HF's default, not the released code's.
+            config.layer_norm_eps = 1e-12
+        return config
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "BertConfig":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                values = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _preset(**sizes) -> dict:
+    return sizes
+
+
+# Named sizes. vocab_size is filled in from the vocabulary file by ``resolve_config``.
+PRESETS: Dict[str, dict] = {
+    "bert_base": _preset(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072),
+    "bert_large": _preset(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                          intermediate_size=4096),
+    "tinybert_4l_312": _preset(hidden_size=312, num_hidden_layers=4, num_attention_heads=12,
+                               intermediate_size=1200),
+    "tinybert_6l_768": _preset(hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
+                               intermediate_size=3072),
+    # Demo / test sizes: same head count for teacher and student, as attention distillation needs.
+    "tiny_teacher": _preset(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=128),
+    "tiny_student": _preset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=128),
+}
+
+
+def resolve_config(name_or_path: str, vocab_size: Optional[int] = None) -> BertConfig:
+    """A preset name, a ``config.json`` path, or a directory holding ``config.json``.
+
+    Presets take their vocabulary size from the vocabulary file; a config.json keeps its own
+    and must be at least as large as the vocabulary.
+    """
+    if name_or_path in PRESETS:
+        config = BertConfig(**PRESETS[name_or_path])
+        if vocab_size is not None:
+            config.vocab_size = vocab_size
+        return config
+    path = name_or_path
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{name_or_path}: not a preset ({', '.join(PRESETS)}) and no config.json found")
+    config = BertConfig.from_json_file(path)
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise ValueError(f"{path}: vocab_size {config.vocab_size} is smaller than the "
+                         f"vocabulary file ({vocab_size} tokens)")
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+def activation(name: str):
+    """HF activation names: ``gelu`` is the exact erf form, the others the tanh approximation."""
+    if name == "gelu":
+        return lambda x: F.gelu(x)
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported hidden_act '{name}'")
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                             padding_idx=config.pad_token_id)
+        self.segment_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, segment_ids):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        summed = (self.token_embeddings(input_ids) + self.segment_embeddings(segment_ids)
+                  + self.position_embeddings(positions)[None])
+        return self.dropout(self.layernorm(summed))
+
+
+class SelfAttention(nn.Module):
+    """Post-LN multi-head self-attention that can report its pre-softmax scores."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        width = config.hidden_size
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.dense = nn.Linear(width, width)
+        self.layernorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def _split_heads(self, x):
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden, mask_bias, want_scores: bool):
+        q = self._split_heads(self.query(hidden))
+        k = self._split_heads(self.key(hidden))
+        v = self._split_heads(self.value(hidden))
+        dropout_p = self.attention_dropout if self.training else 0.0
+        scores = None
+        if want_scores:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask_bias
+            probs = F.dropout(torch.softmax(scores, dim=-1), dropout_p, self.training)
+            context = probs @ v
+        else:
+            # Same math without materialising the (T x T) scores: the fused kernel.
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_bias.to(q.dtype),
+                                                     dropout_p=dropout_p)
+        batch, _, length, _ = context.shape
+        context = context.transpose(1, 2).reshape(batch, length, -1)
+        return self.layernorm(self.dropout(self.dense(context)) + hidden), scores
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden):
+        return self.layernorm(self.dropout(self.dense2(self.act(self.dense1(hidden)))) + hidden)
+
+
+class Block(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = SelfAttention(config)
+        self.ffn = FeedForward(config)
+
+    def forward(self, hidden, mask_bias, want_scores: bool):
+        hidden, scores = self.attention(hidden, mask_bias, want_scores)
+        return self.ffn(hidden), scores
+
+
+class Pooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden):
+        return self.dropout(torch.tanh(self.dense(hidden[:, 0])))
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor
+    hidden_states: List[torch.Tensor]        # L + 1 tensors: embeddings, then each block
+    attention_scores: List[Optional[torch.Tensor]]  # L tensors (None where not requested)
+
+
+class BertClassifier(nn.Module):
+    """BERT encoder + pooler + one head, or one head per domain; optional TinyBERT fit maps.
+
+    ``num_domains=None`` builds the single head ``classifier``; an integer builds
+    ``classifiers.<d>``. ``fit_size`` (the teacher's width) adds the L + 1 ``fit_denses`` maps of
+    a TinyBERT student; its reported hidden states are then the fitted ones.
+    """
+
+    def __init__(self, config: BertConfig, num_labels: int, num_domains: Optional[int] = None,
+                 fit_size: Optional[int] = None):
+        super().__init__()
+        self.config = config
+        self.num_labels = num_labels
+        self.num_domains = num_domains
+        self.fit_size = fit_size
+        self.embeddings = Embeddings(config)
+        self.encoder = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.cls_pooler = Pooler(config)
+        if num_domains is None:
+            self.classifier = nn.Linear(config.hidden_size, num_labels)
+        else:
+            self.classifiers = nn.ModuleList(nn.Linear(config.hidden_size, num_labels)
+                                             for _ in range(num_domains))
+        if fit_size is not None:
+            self.fit_denses = nn.ModuleList(nn.Linear(config.hidden_size, fit_size)
+                                            for _ in range(config.num_hidden_layers + 1))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(0.0, self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    def model_args(self) -> dict:
+        """What is needed, with the config, to rebuild this model from a checkpoint."""
+        return {"num_labels": self.num_labels, "num_domains": self.num_domains,
+                "fit_size": self.fit_size}
+
+    def encode(self, input_ids, segment_ids, attention_mask, score_layers=None):
+        """Hidden states (raw width) and attention scores of every block.
+
+        ``score_layers``: None for every block's scores, or the 0-based indices of the blocks
+        whose scores are wanted (the others run the fused attention kernel).
+        """
+        mask_bias = (1.0 - attention_mask[:, None, None, :].float()) * MASK_VALUE
+        hidden = self.embeddings(input_ids, segment_ids)
+        hidden_states, scores = [hidden], []
+        for index, block in enumerate(self.encoder):
+            want = score_layers is None or index in score_layers
+            hidden, block_scores = block(hidden, mask_bias, want)
+            hidden_states.append(hidden)
+            scores.append(block_scores)
+        return hidden_states, scores
+
+    def classify(self, pooled, domain):
+        """Logits of the head of ``domain`` (an int, or a LongTensor with one id per example)."""
+        if self.num_domains is None:
+            return self.classifier(pooled)
+        if isinstance(domain, int):
+            return self.classifiers[domain](pooled)
+        if domain is None:
+            raise ValueError("a multi-domain model needs the domain of its inputs")
+        every_head = torch.stack([head(pooled) for head in self.classifiers])  # (D, B, C)
+        return every_head[domain, torch.arange(pooled.shape[0], device=pooled.device)]
+
+    def forward(self, input_ids, segment_ids, attention_mask, domain=None,
+                score_layers: Optional[Sequence[int]] = None) -> ModelOutput:
+        hidden_states, scores = self.encode(input_ids, segment_ids, attention_mask, score_layers)
+        logits = self.classify(self.cls_pooler(hidden_states[-1]), domain)
+        if self.fit_size is not None:
+            hidden_states = [fit(h) for fit, h in zip(self.fit_denses, hidden_states)]
+        return ModelOutput(logits, hidden_states, scores)
+
+
+def build_model(config: BertConfig, model_args: dict) -> BertClassifier:
+    return BertClassifier(config, **model_args)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read into the model; the message names the file."""
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "best_model.bin")
+
+# Old and new Hugging Face / Google names -> the released HRKD names (REFERENCE.md section 6).
+_HF_RENAMES = [
+    (r"^embeddings\.word_embeddings\.", "embeddings.token_embeddings."),
+    (r"^embeddings\.token_type_embeddings\.", "embeddings.segment_embeddings."),
+    (r"^embeddings\.LayerNorm\.", "embeddings.layernorm."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"encoder.\1.attention.\2."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.\1.attention.dense."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"encoder.\1.attention.layernorm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.\1.ffn.dense1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.\1.ffn.dense2."),
+    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.\1.ffn.layernorm."),
+    (r"^pooler\.dense\.", "cls_pooler.dense."),
+]
+
+
+def _allowed_globals():
+    """Non-tensor objects the released checkpoints hold (numpy metric values), for weights_only."""
+    import numpy as np
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
+    # Files pickled under numpy 1.x name the module numpy.core, under 2.x numpy._core.
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray.scalar, f"{module}.scalar"),
+                    (multiarray._reconstruct, f"{module}._reconstruct")]
+    allowed += [type(np.dtype(kind)) for kind in ("float64", "float32", "int64", "int32", "bool")]
+    return allowed
+
+
+def read_checkpoint(path: str) -> dict:
+    """Read a weights file safely: safetensors, or ``torch.load(weights_only=True)``.
+
+    Never unpickles arbitrary objects: a file that needs them is refused with a message.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return {"state_dict": load_file(path)}
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle refusals and corrupt files surface as many types
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused or unreadable checkpoint ({first_line})") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, found {type(content).__name__}")
+    if "state_dict" not in content:
+        content = {"state_dict": content}
+    return content
+
+
+def find_weights_file(path: str) -> str:
+    """A weights file, or a directory holding one of ``WEIGHT_FILES``."""
+    if os.path.isdir(path):
+        for name in WEIGHT_FILES:
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise FileNotFoundError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    return path
+
+
+def normalise_names(state_dict: Dict[str, torch.Tensor]):
+    """Map any supported naming onto ours. Returns (weights, is_pretrained_bert).
+
+    ``is_pretrained_bert`` is True for Google/HF (and general TinyBERT) checkpoints, whose pooler
+    and single ``fit_dense`` the released recipe does not load.
+    """
+    renamed, hf_style = {}, False
+    for name, tensor in state_dict.items():
+        if not torch.is_tensor(tensor):
+            continue
+        if name.startswith("module."):  # saved from a DDP-wrapped model
+            name = name[len("module."):]
+        if name.startswith("bert."):
+            name, hf_style = name[len("bert."):], True
+        if name.endswith(".gamma"):
+            name, hf_style = name[:-len("gamma")] + "weight", True
+        elif name.endswith(".beta"):
+            name, hf_style = name[:-len("beta")] + "bias", True
+        for pattern, replacement in _HF_RENAMES:
+            new_name = re.sub(pattern, replacement, name)
+            if new_name != name:
+                name, hf_style = new_name, True
+                break
+        renamed[name] = tensor
+    return renamed, hf_style
+
+
+def _skipped_for_pretrained(name: str) -> bool:
+    """Weights of a pretrained BERT/TinyBERT that the released recipe leaves out."""
+    return (name.startswith(("cls.", "cls_pooler.", "classifier", "fit_dense."))
+            or name.endswith("position_ids"))
+
+
+def load_weights(model: nn.Module, path: str, log: Optional[logging.Logger] = None) -> dict:
+    """Load any supported checkpoint into ``model``; returns the checkpoint's metadata.
+
+    Google/HF/TinyBERT checkpoints initialise the encoder and embeddings (and per-layer
+    ``fit_denses``), not the pooler or heads. Files of the released HRKD code and of this project
+    load everything they hold. Missing and unexpected weights are logged; a shape mismatch
+    raises ``CheckpointError`` naming the weight and both shapes.
+    """
+    log = log or logger
+    weights_file = find_weights_file(path)
+    content = read_checkpoint(weights_file)
+    weights, pretrained = normalise_names(content["state_dict"])
+    if pretrained:
+        weights = {k: v for k, v in weights.items() if not _skipped_for_pretrained(k)}
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{weights_file}: weight '{name}' has shape {tuple(tensor.shape)} in the "
+                f"checkpoint but {tuple(own[name].shape)} in the model")
+    unexpected = sorted(k for k in weights if k not in own)
+    usable = {k: v for k, v in weights.items() if k in own}
+    missing = sorted(k for k in own if k not in usable)
+    model.load_state_dict(usable, strict=False)
+    log.info("loaded %d weights from %s", len(usable), weights_file)
+    if missing:
+        log.info("not in the checkpoint (left as initialised): %s", ", ".join(missing))
+    if unexpected:
+        log.info("in the checkpoint but not used: %s", ", ".join(unexpected))
+    return {k: v for k, v in content.items() if k != "state_dict"}
+
+
+def model_from_checkpoint(path: str, map_location="cpu") -> BertClassifier:
+    """Rebuild a model saved by this project (config and model_args stored with the weights)."""
+    weights_file = find_weights_file(path)
+    content = read_checkpoint(weights_file)
+    if "config" not in content or "model_args" not in content:
+        raise CheckpointError(f"{weights_file}: no config stored; build the model and use "
+                              f"load_weights instead")
+    model = build_model(BertConfig.from_dict(content["config"]), content["model_args"])
+    load_weights(model, weights_file)
+    return model.to(map_location)
