@@ -87,9 +87,11 @@ class WordPieceTokenizer:
                      max_seq_length: int) -> Dict[str, np.ndarray]:
         """Features for single texts or pairs, padded to exactly ``max_seq_length``."""
         ids_a = self.tokenize_ids(texts_a)
-        has_pairs = texts_b is not None and any(t is not None for t in texts_b)
-        ids_b = (self.tokenize_ids([t or "" for t in texts_b]) if has_pairs
-                 else [None] * len(ids_a))
+        ids_b = [None] * len(ids_a)
+        if texts_b is not None:
+            # An empty or missing second text means a single-text input, as in Google's BERT.
+            tokenized = self.tokenize_ids([t or "" for t in texts_b])
+            ids_b = [ids if text else None for ids, text in zip(tokenized, texts_b)]
         count = len(ids_a)
         input_ids = np.full((count, max_seq_length), self.pad_id, dtype=np.int32)
         segment_ids = np.zeros((count, max_seq_length), dtype=np.int32)

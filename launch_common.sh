@@ -1,0 +1,65 @@
+# Shared by the four stage launchers (sourced, not run): the torchrun launch, the per-process
+# batch that keeps the paper's effective batch, and the data folder / domains of each task.
+
+# The command that starts a stage script: plain python on one device, torchrun on several.
+launcher() {
+  if [ "${NUM_GPU}" -gt 1 ]; then
+    echo "torchrun --standalone --nproc_per_node ${NUM_GPU}"
+  else
+    echo "${PYTHON:-python}"
+  fi
+}
+
+# The paper trained on 4 GPUs: the effective batch is 4x the per-GPU figure. Split it evenly.
+per_process_batch() {
+  local total=$1
+  if [ $((total % NUM_GPU)) -ne 0 ]; then
+    echo "error: total batch ${total} is not divisible by NUM_GPU=${NUM_GPU}" >&2
+    return 1
+  fi
+  echo $((total / NUM_GPU))
+}
+
+data_dir_of() {
+  case "$1" in
+    mnli) echo "${MNLI_DIR}" ;;
+    amazon) echo "${AMAZON_DIR}" ;;
+    *) echo "error: unknown task $1" >&2; return 1 ;;
+  esac
+}
+
+domains_of() {
+  case "$1" in
+    mnli) echo "${MNLI_DOMAINS}" ;;
+    amazon) echo "${AMAZON_DOMAINS}" ;;
+    *) echo "error: unknown task $1" >&2; return 1 ;;
+  esac
+}
+
+fit_domain_of() {
+  case "$1" in
+    mnli) echo telephone ;;
+    amazon) echo books ;;
+    *) echo "error: unknown task $1" >&2; return 1 ;;
+  esac
+}
+
+# Optional flag only when its value is set: opt --vocab_file "$VOCAB_FILE"
+opt() {
+  if [ -n "$2" ]; then echo "$1 $2"; fi
+}
+
+# Defaults every launcher shares; each can be overridden from the environment.
+NUM_GPU=${NUM_GPU:-1}
+SEEDS=${SEEDS:-42}
+AMP=${AMP:-off}                      # off | bf16 | fp16 (off reproduces the fp32 recipe)
+MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH:-128}
+VAL_FREQ=${VAL_FREQ:-50}
+TASKS=${TASKS:-"mnli amazon"}
+MNLI_DIR=${MNLI_DIR:-dataset/MNLI}
+AMAZON_DIR=${AMAZON_DIR:-dataset/amazon}
+MNLI_DOMAINS=${MNLI_DOMAINS:-"fiction government slate telephone travel"}
+AMAZON_DOMAINS=${AMAZON_DOMAINS:-"books dvd electronics kitchen"}
+OUT_ROOT=${OUT_ROOT:-runs}
+VOCAB_FILE=${VOCAB_FILE:-}
+EXTRA_ARGS=${EXTRA_ARGS:-}           # e.g. "--overwrite", "--resume", "--no_progress"

