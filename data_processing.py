@@ -380,6 +380,15 @@ def take(features: Dict[str, torch.Tensor], indices) -> Dict[str, torch.Tensor]:
     return {name: tensor.index_select(0, index).long() for name, tensor in features.items()}
 
 
+def concat_domain_batches(batches: Sequence[Dict[str, torch.Tensor]]):
+    """One batch over all domains, the domain id of each row, and each domain's row count."""
+    merged = {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
+    sizes = [b["labels"].shape[0] for b in batches]
+    domain_ids = torch.cat([torch.full((n,), d, dtype=torch.long, device=batches[0]["labels"].device)
+                            for d, n in enumerate(sizes)])
+    return merged, domain_ids, sizes
+
+
 # --------------------------------------------------------------------------------------------
 # Batch sampler (REFERENCE.md section 2)
 # --------------------------------------------------------------------------------------------
@@ -434,7 +443,7 @@ class MultiDomainBatchSampler:
 SAMPLE_SIZES = {
     # name: (MNLI train rows per genre, MNLI dev_matched rows per genre, reviews per label)
     "tiny": (60, 20, 40),
-    "small": (700, 90, 250),
+    "small": (400, 60, 250),
     "full": (4000, 400, 1000),
 }
 

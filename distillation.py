@@ -7,6 +7,9 @@
   i * L_t / L_s; the embedding output from the embedding output).
 * ``layer_losses``: per-level (embedding, then each student block) distillation terms.
 * ``tinybert_kd_loss``: the stage-2 objective, returned as a named dict.
+* ``DomainRelationalGraph``: one two-layer graph attention network per level plus the
+  hierarchical compare-aggregate; prototypes (levels, D, H) -> domain weights (levels, D).
+* ``domain_prototypes`` / ``hrkd_loss``: the stage-4 objective.
 
 Importing this module has no side effects.
 """
@@ -16,15 +19,21 @@ from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # Attention entries at or below this are masked positions (the mask adds -10000).
 MASKED_SCORE_THRESHOLD = -100.0
 
 
+def full_precision(tensor):
+    """Losses are computed in (at least) fp32, also under bf16/fp16 autocast."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def soft_cross_entropy(student_logits, teacher_logits, temperature: float = 1.0):
     """mean over batch and classes of -softmax(t / tau) * log_softmax(s / tau)."""
-    targets = torch.softmax(teacher_logits.float() / temperature, dim=-1)
-    log_probs = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    targets = torch.softmax(full_precision(teacher_logits) / temperature, dim=-1)
+    log_probs = torch.log_softmax(full_precision(student_logits) / temperature, dim=-1)
     return (-targets * log_probs).mean()
 
 
@@ -33,12 +42,12 @@ def zero_masked_scores(scores):
 
 
 def attention_mse(student_scores, teacher_scores):
-    return F.mse_loss(zero_masked_scores(student_scores.float()),
-                      zero_masked_scores(teacher_scores.float()))
+    return F.mse_loss(zero_masked_scores(full_precision(student_scores)),
+                      zero_masked_scores(full_precision(teacher_scores)))
 
 
 def hidden_mse(student_hidden, teacher_hidden):
-    return F.mse_loss(student_hidden.float(), teacher_hidden.float())
+    return F.mse_loss(full_precision(student_hidden), full_precision(teacher_hidden))
 
 
 def teacher_layer_for(student_layers: int, teacher_layers: int) -> List[int]:
@@ -77,3 +86,125 @@ def tinybert_kd_loss(student_out, teacher_out, hidden_ratio: float = 1.0,
     prediction = soft_cross_entropy(student_out.logits, teacher_out.logits, temperature)
     return {"loss": hidden_ratio * hidden + pred_ratio * prediction,
             "hidden_loss": hidden.detach(), "pred_loss": prediction.detach()}
+
+
+# --------------------------------------------------------------------------------------------
+# The domain-relational graph and the hierarchical compare-aggregate (HRKD, section 4)
+# --------------------------------------------------------------------------------------------
+XAVIER_GAIN = 1.414
+
+
+class GraphAttentionLayer(nn.Module):
+    """One graph-attention head on a fully connected graph (self loops included).
+
+    h = x @ W; e[i, j] = LeakyReLU(a[:F] . h_i + a[F:] . h_j); alpha = softmax_j(e), dropout;
+    output = ELU(alpha @ h). Parameter names and shapes follow REFERENCE.md section 6.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dropout: float, slope: float = 0.2):
+        super().__init__()
+        self.W = nn.Parameter(torch.empty(in_features, out_features))
+        self.a = nn.Parameter(torch.empty(2 * out_features, 1))
+        nn.init.xavier_uniform_(self.W, gain=XAVIER_GAIN)
+        nn.init.xavier_uniform_(self.a, gain=XAVIER_GAIN)
+        self.dropout = dropout
+        self.slope = slope
+        self.out_features = out_features
+
+    def forward(self, x):
+        h = x @ self.W                                            # (N, F)
+        source = h @ self.a[:self.out_features]                   # (N, 1)
+        neighbour = h @ self.a[self.out_features:]                # (N, 1)
+        scores = F.leaky_relu(source + neighbour.T, self.slope)   # (N, N)
+        alpha = F.dropout(torch.softmax(scores, dim=1), self.dropout, self.training)
+        return F.elu(alpha @ h)
+
+
+class GraphAttentionNetwork(nn.Module):
+    """Two GAT layers: ``heads`` heads H -> H (concatenated), then one head heads*H -> 1."""
+
+    def __init__(self, width: int, heads: int = 8, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = dropout
+        self.attentions = nn.ModuleList(GraphAttentionLayer(width, width, dropout)
+                                        for _ in range(heads))
+        self.out_att = GraphAttentionLayer(heads * width, 1, dropout)
+
+    def forward(self, x):
+        x = F.dropout(x, self.dropout, self.training)
+        x = torch.cat([head(x) for head in self.attentions], dim=1)
+        x = F.dropout(x, self.dropout, self.training)
+        return self.out_att(x).squeeze(-1)                        # (N,)
+
+
+class DomainRelationalGraph(nn.Module):
+    """Prototypes P (levels, D, H) -> domain weights w (levels, D), each level summing to 1.
+
+    ``hierarchical``: level l >= 1 feeds each domain a mix of its prototypes of levels 0..l,
+    weighted by a compare-aggregate against reference prototypes R = softmax(P_l A_l P_l^T) P_l.
+    Names: ``all_gnn.<l>``, ``w_attn_1`` (levels, H, H), ``w_attn_2`` (levels, D, H, H); entry 0
+    of the two matrices is unused (level 0 has nothing below it).
+    """
+
+    def __init__(self, levels: int, num_domains: int, width: int, heads: int = 8,
+                 dropout: float = 0.1, hierarchical: bool = True):
+        super().__init__()
+        self.levels, self.num_domains, self.hierarchical = levels, num_domains, hierarchical
+        self.all_gnn = nn.ModuleList(GraphAttentionNetwork(width, heads, dropout)
+                                     for _ in range(levels))
+        self.w_attn_1 = nn.Parameter(torch.empty(levels, width, width))
+        self.w_attn_2 = nn.Parameter(torch.empty(levels, num_domains, width, width))
+        for level in range(levels):
+            nn.init.xavier_uniform_(self.w_attn_1.data[level], gain=XAVIER_GAIN)
+            for domain in range(num_domains):
+                nn.init.xavier_uniform_(self.w_attn_2.data[level, domain], gain=XAVIER_GAIN)
+
+    def compare_aggregate(self, prototypes, level: int):
+        """Graph input of ``level`` and the attention over levels 0..level of each domain."""
+        current = prototypes[level]                                           # (D, H)
+        affinity = torch.softmax(current @ self.w_attn_1[level] @ current.T, dim=-1)
+        reference = affinity @ current                                        # (D, H)
+        below = prototypes[:level + 1].transpose(0, 1)                        # (D, l+1, H)
+        # s[d, k] = P[k, d] C_{l,d} R[d]
+        compared = torch.einsum("dkh,dhg,dg->dk", below, self.w_attn_2[level], reference)
+        attention = torch.softmax(compared, dim=-1)                           # (D, l+1)
+        return torch.einsum("dk,dkh->dh", attention, below), attention
+
+    def forward(self, prototypes):
+        """Returns (weights (levels, D), list of per-level hierarchical attentions or None)."""
+        weights, hierarchy = [], []
+        for level in range(self.levels):
+            graph_input, attention = prototypes[level], None
+            if self.hierarchical and level > 0:
+                graph_input, attention = self.compare_aggregate(prototypes, level)
+            weights.append(torch.softmax(self.all_gnn[level](graph_input), dim=0))
+            hierarchy.append(attention)
+        return torch.stack(weights), hierarchy
+
+
+def domain_prototypes(hidden_states_per_domain: Sequence[Sequence[torch.Tensor]]):
+    """P[l, d]: mean over batch and sequence (padding included) of level l for domain d."""
+    return torch.stack([torch.stack([full_precision(h).mean(dim=(0, 1)) for h in levels])
+                        for levels in hidden_states_per_domain], dim=1)       # (levels, D, H)
+
+
+def hrkd_loss(student_outs, teacher_outs, weights=None, hidden_ratio: float = 1.0,
+              pred_ratio: float = 1.0, temperature: float = 1.0) -> Dict[str, torch.Tensor]:
+    """The stage-4 objective (REFERENCE.md section 4).
+
+    loss_d = hidden_ratio * (w[0,d] MSE(emb) + sum_i w[i,d] (MSE(att) + MSE(hid)))
+             + pred_ratio * SCE / D;  loss = sum_d loss_d.
+    ``weights`` None (no graph): every w is 1 and the prediction term is not divided by D.
+    ``student_outs`` / ``teacher_outs``: one ModelOutput per domain.
+    """
+    num_domains = len(student_outs)
+    hidden_total, pred_total = 0.0, 0.0
+    for d, (student_out, teacher_out) in enumerate(zip(student_outs, teacher_outs)):
+        levels = torch.stack(layer_losses(student_out, teacher_out))
+        if weights is not None:
+            levels = levels * weights[:, d]
+        hidden_total = hidden_total + levels.sum()
+        prediction = soft_cross_entropy(student_out.logits, teacher_out.logits, temperature)
+        pred_total = pred_total + (prediction / num_domains if weights is not None else prediction)
+    loss = hidden_ratio * hidden_total + pred_ratio * pred_total
+    return {"loss": loss, "hidden_loss": hidden_total.detach(), "pred_loss": pred_total.detach()}

@@ -63,3 +63,25 @@ AMAZON_DOMAINS=${AMAZON_DOMAINS:-"books dvd electronics kitchen"}
 OUT_ROOT=${OUT_ROOT:-runs}
 VOCAB_FILE=${VOCAB_FILE:-}
 EXTRA_ARGS=${EXTRA_ARGS:-}           # e.g. "--overwrite", "--resume", "--no_progress"
+
+# Few-shot: the paper trains on p% of the training data; train_ratio = 0.9 x p / 100.
+fewshot_ratio() {
+  awk -v p="$1" 'BEGIN { printf "%.6g", 0.9 * p / 100 }'
+}
+
+# Calls the launcher's run_stage ROOT TRAIN_RATIO for the full data (MODE=full), for every
+# few-shot percentage into ROOT/fewshot/p<percent> (MODE=fewshot), or both (MODE=both).
+run_modes() {
+  case "${MODE}" in
+    full|both|fewshot) ;;
+    *) echo "error: MODE must be full, fewshot or both, got ${MODE}" >&2; return 1 ;;
+  esac
+  if [ "${MODE}" != fewshot ]; then
+    run_stage "${OUT_ROOT}" 0.9
+  fi
+  if [ "${MODE}" != full ]; then
+    for PERCENT in ${FEWSHOT_PERCENTS}; do
+      run_stage "${OUT_ROOT}/fewshot/p${PERCENT}" "$(fewshot_ratio "${PERCENT}")"
+    done
+  fi
+}

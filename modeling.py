@@ -325,6 +325,17 @@ class BertClassifier(nn.Module):
         return ModelOutput(logits, hidden_states, scores)
 
 
+def split_output(output: ModelOutput, sizes: Sequence[int]) -> List[ModelOutput]:
+    """Cut a forward pass over concatenated domain batches back into one output per domain."""
+    def cut(tensor):
+        return [None] * len(sizes) if tensor is None else torch.split(tensor, list(sizes))
+    logits = cut(output.logits)
+    hidden = [cut(h) for h in output.hidden_states]
+    scores = [cut(s) for s in output.attention_scores]
+    return [ModelOutput(logits[d], [h[d] for h in hidden], [s[d] for s in scores])
+            for d in range(len(sizes))]
+
+
 def build_model(config: BertConfig, model_args: dict) -> BertClassifier:
     return BertClassifier(config, **model_args)
 

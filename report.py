@@ -39,6 +39,7 @@ METHODS: List[Tuple[str, str, bool]] = [
     ("HRKD (no hierarchy)", "finetune_multi_domain/{task}/no_hierarchy", False),
     ("HRKD (uniform weights)", "finetune_multi_domain/{task}/uniform", False),
     ("HRKD (meta graph)", "finetune_multi_domain/{task}/meta", False),
+    ("HRKD (trained graph)", "finetune_multi_domain/{task}/trained_graph", False),
     ("HRKD", "finetune_multi_domain/{task}/hrkd", False),
 ]
 # Rows shown even when no run exists (the paper's table); the others only when present.

@@ -129,6 +129,13 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
     run.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
 
 
+def add_switch(parser, name: str, default: bool, help_text: str):
+    """--name / --no_name, defaulting to ``default``."""
+    parser.add_argument(f"--{name}", dest=name, action="store_true", default=default,
+                        help=f"{help_text} (default: {'on' if default else 'off'})")
+    parser.add_argument(f"--no_{name}", dest=name, action="store_false")
+
+
 def validate_common_args(args):
     """Out-of-range flags stop before anything is read or written."""
     for name in ("train_ratio", "dev_ratio"):
@@ -219,7 +226,9 @@ class Distributed:
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def close(self):
+        """Wait for rank 0 (it may still be testing), then leave the process group."""
         if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -407,7 +416,9 @@ class Stage:
     compute_loss: Callable[[nn.Module, List[Dict[str, torch.Tensor]]], Dict[str, torch.Tensor]]
     checkpoint_meta: dict
     extra_modules: Dict[str, nn.Module] = dataclasses.field(default_factory=dict)
-    on_evaluation: Optional[Callable[[int, "TrainState"], dict]] = None
+    # Called on rank 0 at every evaluation with (step, tensorboard writer or None); returns
+    # entries for results.json's "dev" section.
+    on_evaluation: Optional[Callable[[int, object], dict]] = None
 
 
 @dataclasses.dataclass
@@ -502,7 +513,7 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
             with autocast(device, args.amp):
                 losses = stage.compute_loss(model, batches)
             _optimisation_step(args, losses["loss"], optimizer, scheduler, scaler, parameters,
-                               state)
+                               state, dist, stage.extra_modules)
             state.global_step += 1
             state.step_in_epoch += 1
             progress.update(1)
@@ -526,7 +537,8 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
     return state
 
 
-def _optimisation_step(args, loss, optimizer, scheduler, scaler, parameters, state: TrainState):
+def _optimisation_step(args, loss, optimizer, scheduler, scaler, parameters, state: TrainState,
+                       dist: Distributed, extra_modules: Dict[str, nn.Module]):
     """Backward, unscale, clip, step; a non-finite loss skips the update."""
     if not torch.isfinite(loss.detach()):
         state.nonfinite_run += 1
@@ -541,12 +553,25 @@ def _optimisation_step(args, loss, optimizer, scheduler, scaler, parameters, sta
         return
     state.nonfinite_run = 0
     scaler.scale(loss).backward()
+    _average_extra_gradients(dist, extra_modules)
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
     scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
     scaler.update()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _average_extra_gradients(dist: Distributed, extra_modules: Dict[str, nn.Module]):
+    """DDP averages the wrapped model's gradients; trainable extra modules (a trained graph)
+    are outside it, so average theirs here to keep the ranks' copies identical."""
+    if not dist.enabled:
+        return
+    for module in extra_modules.values():
+        for parameter in module.parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= dist.world_size
 
 
 def _evaluate_and_save(args, stage: Stage, run: RunDir, dist: Distributed, state: TrainState,
@@ -557,7 +582,7 @@ def _evaluate_and_save(args, stage: Stage, run: RunDir, dist: Distributed, state
                        args.eval_batch_size, dist.device, args.amp)
         mean = float(np.mean(list(dev.values())))
         _log_scalars(writer, "dev", {**dev, "mean": mean}, state.global_step)
-        extra = stage.on_evaluation(state.global_step, state) if stage.on_evaluation else {}
+        extra = stage.on_evaluation(state.global_step, writer) if stage.on_evaluation else {}
         if mean > state.best_mean:
             state.best_mean, state.best_step = mean, state.global_step
             atomic_torch_save(model_checkpoint(stage, state, dev), run.best_model())

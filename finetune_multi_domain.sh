@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Stage 4: HRKD and its ablations, distilling each data set's stage-3 teacher, then test.
+# Edit the blocks below, or set any of these variables in the environment, then:
+#   bash finetune_multi_domain.sh
+# Teachers: $OUT_ROOT/train_multi_domain/<task>/seed<seed> (best_model_<domain>.bin); runs land
+# in $OUT_ROOT/finetune_multi_domain/<task>/<variant>/seed<seed> (shared: launch_common.sh).
+set -euo pipefail
+cd "$(dirname "$0")"
+source launch_common.sh
+
+# ---- stage-4 hyper-parameters (paper: REFERENCE.md section 1) -------------------------------
+TOTAL_BATCH=${TOTAL_BATCH:-32}        # per domain per step: 8 per GPU x 4 GPUs
+LR=${LR:-5e-5}
+EPOCHS=${EPOCHS:-10}
+STUDENT_CONFIG=${STUDENT_CONFIG:-tinybert_4l_312}
+STUDENT_INIT=${STUDENT_INIT-pretrained_ckpt/tinybert-4l-312}    # empty: random init
+HIDDEN_RATIO=${HIDDEN_RATIO:-1}
+PRED_RATIO=${PRED_RATIO:-1}
+TEMPERATURE=${TEMPERATURE:-1}
+GRAPH_DROPOUT=${GRAPH_DROPOUT:-0.1}
+# Variants: hrkd (the paper's method), no_hierarchy and no_graph (its ablations), and the
+# graph studies: uniform (w = 1/D), meta (graph learned by a meta-objective), trained_graph.
+VARIANTS=${VARIANTS:-"hrkd no_hierarchy no_graph"}
+
+# ---- few-shot section: MODE=fewshot (or both) repeats the stage on p% of the training data ---
+MODE=${MODE:-full}                                  # full | fewshot | both
+FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"1 2 5 10 20"}
+# ---------------------------------------------------------------------------------------------
+
+variant_args() {
+  case "$1" in
+    hrkd) echo "--use_graph --hierarchical" ;;
+    no_hierarchy) echo "--use_graph --no_hierarchical" ;;
+    no_graph) echo "--no_use_graph" ;;
+    trained_graph) echo "--use_graph --hierarchical --train_graph" ;;
+    uniform) echo "--domain_weighting uniform" ;;
+    meta) echo "--domain_weighting meta" ;;
+    *) echo "error: unknown variant $1" >&2; return 1 ;;
+  esac
+}
+
+BATCH=$(per_process_batch "${TOTAL_BATCH}")
+run_stage() {
+  local root=$1 ratio=$2
+  for TASK in ${TASKS}; do
+    for VARIANT in ${VARIANTS}; do
+      for SEED in ${SEEDS}; do
+        # shellcheck disable=SC2046,SC2086
+        $(launcher) finetune_multi_domain.py --task "${TASK}" \
+          --data_dir "$(data_dir_of "${TASK}")" --domain "$(fit_domain_of "${TASK}")" \
+          --teacher_dir "${root}/train_multi_domain/${TASK}/seed${SEED}" \
+          --student_config "${STUDENT_CONFIG}" $(opt --student_init "${STUDENT_INIT}") \
+          $(opt --vocab_file "${VOCAB_FILE}") --max_seq_length "${MAX_SEQ_LENGTH}" \
+          --batch_size "${BATCH}" --learning_rate "${LR}" --num_train_epochs "${EPOCHS}" \
+          --hidden_ratio "${HIDDEN_RATIO}" --pred_ratio "${PRED_RATIO}" \
+          --temperature "${TEMPERATURE}" --graph_dropout "${GRAPH_DROPOUT}" \
+          $(variant_args "${VARIANT}") --train_ratio "${ratio}" --val_freq "${VAL_FREQ}" \
+          --seed "${SEED}" --amp "${AMP}" \
+          --output_dir "${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}" \
+          --do_train --do_test ${EXTRA_ARGS}
+      done
+    done
+  done
+}
+run_modes

@@ -1,0 +1,118 @@
+"""Stage 3: one BERT teacher over all domains (shared encoder and pooler, one head per domain).
+
+Every step holds --batch_size examples of EVERY domain; an epoch is ceil(n_fit / B) steps of
+the fit domain (--domain: telephone for MNLI, books for Amazon); the loss is the sum over domains
+of each domain's cross-entropy, optionally weighted by one graph level (--use_graph, released
+behaviour: off in the paper's scripts).
+
+Reads  --data_dir, --init_checkpoint (e.g. pretrained_ckpt/bert-base-uncased).
+Writes --output_dir: best_model.bin (best mean dev accuracy), best_model_<domain>.bin (best on
+       each domain: stage 4's teachers), results.json, config.json, train.log, tensorboard/.
+
+Single process (8 per domain x 4 GPUs = 32 per domain per step):
+    python train_multi_domain.py --task amazon --data_dir dataset/amazon --domain books \
+        --init_checkpoint pretrained_ckpt/bert-base-uncased \
+        --output_dir runs/train_multi_domain/amazon/seed42 --do_train --do_test
+Four GPUs:  torchrun --standalone --nproc_per_node 4 train_multi_domain.py ... --batch_size 8
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import utils
+from data_processing import concat_domain_batches, get_processor
+from distillation import DomainRelationalGraph
+from modeling import BertClassifier, load_weights, model_from_checkpoint, resolve_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    utils.add_common_args(parser, lr=5e-5, epochs=3, batch_size=32)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_config", default="bert_base",
+                       help="a preset name or a config.json (file or folder)")
+    model.add_argument("--init_checkpoint", default=None,
+                       help="pretrained weights (folder or file); none: random initialisation")
+    model.add_argument("--use_graph", action="store_true",
+                       help="weight each domain's cross-entropy by a domain-relational graph "
+                            "over the per-domain mean of all hidden states")
+    model.add_argument("--train_graph", action="store_true",
+                       help="optimise the graph too (off = released behaviour)")
+    return parser
+
+
+def make_multi_domain_ce(graph=None):
+    """Sum over domains of cross-entropy, each with its own head; one forward for all domains."""
+
+    def compute_loss(model, batches):
+        batch, domain_ids, sizes = concat_domain_batches(batches)
+        out = model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
+                    domain=domain_ids, score_layers=())
+        per_example = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+        per_domain = torch.stack([chunk.mean() for chunk in torch.split(per_example, sizes)])
+        losses = {f"ce_{d}": value.detach() for d, value in enumerate(per_domain)}
+        if graph is None:
+            return {"loss": per_domain.sum(), **losses}
+        # One level over the per-domain mean of every reported hidden state.
+        stacked = torch.stack([h.float() for h in out.hidden_states])       # (L+1, N, T, H)
+        means = torch.stack([chunk.mean(dim=(0, 1, 2))
+                             for chunk in torch.split(stacked, sizes, dim=1)])  # (D, H)
+        weights, _ = graph(means[None])
+        return {"loss": (weights[0] * per_domain).sum(), **losses}
+
+    return compute_loss
+
+
+def run(args):
+    utils.validate_common_args(args)
+    dist = utils.Distributed()
+    utils.setup_logging(main=dist.is_main)
+    utils.set_seed(args.seed)
+    processor = get_processor(args.task)
+    if args.domain not in processor.domains:
+        raise ValueError(f"unknown {args.task} domain '{args.domain}' "
+                         f"(expected one of {', '.join(processor.domains)})")
+    domains = processor.domains
+    vocab_file = utils.default_vocab(args, args.init_checkpoint)
+    tokenizer, features = utils.load_features(args, domains, vocab_file, dist)
+    run_dir = utils.RunDir(args.output_dir, dist.is_main)
+    head_of = {domain: index for index, domain in enumerate(domains)}
+    if args.do_train:
+        config = resolve_config(args.model_config, len(tokenizer))
+        utils.check_sequence_length(config, args.max_seq_length, "model")
+        model = BertClassifier(config, len(processor.labels), num_domains=len(domains))
+        if args.init_checkpoint:
+            load_weights(model, args.init_checkpoint)
+        extra, graph = {}, None
+        if args.use_graph:
+            graph = DomainRelationalGraph(1, len(domains), config.hidden_size,
+                                          hierarchical=False).to(dist.device)
+            graph.requires_grad_(args.train_graph)
+            extra["graph"] = graph
+        run_dir.prepare_for_training(args)
+        utils.setup_logging(run_dir.file("train.log"), dist.is_main)
+        utils.copy_vocab(vocab_file, run_dir)
+        stage = utils.Stage(
+            model=model, domains=domains, fit_domain=args.domain,
+            train_features=utils.split_of(features, "train"),
+            dev_features=utils.split_of(features, "dev"), head_of=head_of,
+            compute_loss=make_multi_domain_ce(graph),
+            checkpoint_meta={"task": args.task, "domains": domains, "labels": processor.labels,
+                             "stage": "train_multi_domain"},
+            extra_modules=extra)
+        utils.train(args, stage, run_dir, dist)
+    if args.do_test and dist.is_main:
+        utils.run_test(args, run_dir, domains, head_of, utils.split_of(features, "test"),
+                       utils.split_of(features, "dev"), dist.device, model_from_checkpoint)
+    dist.close()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return utils.main_guard(lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Stage 3: one BERT-base teacher over all domains of each data set (a head per domain), then test.
+# Edit the blocks below, or set any of these variables in the environment, then:
+#   bash train_multi_domain.sh
+# Runs land in $OUT_ROOT/train_multi_domain/<task>/seed<seed> (shared settings: launch_common.sh).
+set -euo pipefail
+cd "$(dirname "$0")"
+source launch_common.sh
+
+# ---- stage-3 hyper-parameters (paper: REFERENCE.md section 1) -------------------------------
+TOTAL_BATCH=${TOTAL_BATCH:-32}        # per domain per step: 8 per GPU x 4 GPUs
+LR=${LR:-5e-5}
+EPOCHS=${EPOCHS:-3}
+TEACHER_CONFIG=${TEACHER_CONFIG:-bert_base}
+TEACHER_INIT=${TEACHER_INIT-pretrained_ckpt/bert-base-uncased}   # empty: random init
+GRAPH_ARGS=${GRAPH_ARGS:-}            # "--use_graph" weights domains by a graph (off in paper)
+
+# ---- few-shot section: MODE=fewshot (or both) repeats the stage on p% of the training data ---
+MODE=${MODE:-full}                                  # full | fewshot | both
+FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"1 2 5 10 20"}
+# ---------------------------------------------------------------------------------------------
+
+BATCH=$(per_process_batch "${TOTAL_BATCH}")
+run_stage() {
+  local root=$1 ratio=$2
+  for TASK in ${TASKS}; do
+    for SEED in ${SEEDS}; do
+      # shellcheck disable=SC2046,SC2086
+      $(launcher) train_multi_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
+        --domain "$(fit_domain_of "${TASK}")" --model_config "${TEACHER_CONFIG}" \
+        $(opt --init_checkpoint "${TEACHER_INIT}") $(opt --vocab_file "${VOCAB_FILE}") \
+        --max_seq_length "${MAX_SEQ_LENGTH}" --batch_size "${BATCH}" --learning_rate "${LR}" \
+        --num_train_epochs "${EPOCHS}" --train_ratio "${ratio}" --val_freq "${VAL_FREQ}" \
+        --seed "${SEED}" --amp "${AMP}" ${GRAPH_ARGS} \
+        --output_dir "${root}/train_multi_domain/${TASK}/seed${SEED}" \
+        --do_train --do_test ${EXTRA_ARGS}
+    done
+  done
+}
+run_modes
