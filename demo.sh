@@ -22,27 +22,28 @@ export AMAZON_DIR=${SAMPLE}/amazon MNLI_DIR=${SAMPLE}/MNLI
 export VOCAB_FILE=${SAMPLE}/vocab.txt
 export TEACHER_CONFIG=tiny_teacher TEACHER_INIT=""
 export STUDENT_CONFIG=tiny_student STUDENT_INIT=""
-export MAX_SEQ_LENGTH=${DEMO_SEQ_LENGTH:-48} VAL_FREQ=${DEMO_VAL_FREQ:-40}
-export EXTRA_ARGS="--no_progress" NUM_GPU=1 SEEDS=42 MODE=full LR=1e-3
-EPOCHS_TEACHER=${DEMO_EPOCHS_TEACHER:-6}
-EPOCHS_STUDENT=${DEMO_EPOCHS_STUDENT:-12}
-EPOCHS_MULTI=${DEMO_EPOCHS_MULTI:-6}
+export MAX_SEQ_LENGTH=${DEMO_SEQ_LENGTH:-40} VAL_FREQ=${DEMO_VAL_FREQ:-40}
+export EXTRA_ARGS="--no_progress" NUM_GPU=1 SEEDS=42 MODE=full
+TEACHER_LR=1e-3 STUDENT_LR=3e-3    # tiny models from scratch learn fast at these rates
+EPOCHS_SINGLE=${DEMO_EPOCHS_SINGLE:-6}
+EPOCHS_MULTI_TEACHER=${DEMO_EPOCHS_MULTI_TEACHER:-10}
+EPOCHS_MULTI_STUDENT=${DEMO_EPOCHS_MULTI_STUDENT:-6}
 
-stage() {  # name, launcher, epochs, per-domain total batch
+stage() {  # name, launcher, learning rate, epochs, per-domain total batch
   local name=$1 script=$2
   local begin
   begin=$(date +%s)
-  EPOCHS=$3 TOTAL_BATCH=$4 bash "${script}" 2> "${DEMO_ROOT}/${script%.sh}.log"
+  LR=$3 EPOCHS=$4 TOTAL_BATCH=$5 bash "${script}" 2> "${DEMO_ROOT}/${script%.sh}.log"
   echo "  ${name}: $(( $(date +%s) - begin )) s (log: ${DEMO_ROOT}/${script%.sh}.log)"
 }
 
 start=$(date +%s)
 echo "== HRKD demo: generated MNLI-style and Amazon-style data, tiny models, CPU"
-stage "stage 1, single-domain teachers" train_domain.sh "${EPOCHS_TEACHER}" 32
-stage "stage 2, TinyBERT-KD students" finetune_domain.sh "${EPOCHS_STUDENT}" 32
-stage "stage 3, multi-domain teachers" train_multi_domain.sh "${EPOCHS_MULTI}" 16
+stage "stage 1, single-domain teachers" train_domain.sh "${TEACHER_LR}" "${EPOCHS_SINGLE}" 32
+stage "stage 2, TinyBERT-KD students" finetune_domain.sh "${STUDENT_LR}" "${EPOCHS_SINGLE}" 32
+stage "stage 3, multi-domain teachers" train_multi_domain.sh "${TEACHER_LR}" "${EPOCHS_MULTI_TEACHER}" 16
 VARIANTS="hrkd no_hierarchy no_graph" \
-  stage "stage 4, HRKD and ablations" finetune_multi_domain.sh "${EPOCHS_MULTI}" 16
+  stage "stage 4, HRKD and ablations" finetune_multi_domain.sh "${STUDENT_LR}" "${EPOCHS_MULTI_STUDENT}" 16
 echo "== all stages: $(( $(date +%s) - start )) s"
 ${PYTHON} report.py --runs "${DEMO_ROOT}" --out "${DEMO_ROOT}/report"
 echo "(tables and plots written to ${DEMO_ROOT}/report)"

@@ -59,9 +59,22 @@ def teacher_layer_for(student_layers: int, teacher_layers: int) -> List[int]:
     return [i * step for i in range(1, student_layers + 1)]
 
 
-def mapped_score_layers(student_layers: int, teacher_layers: int) -> List[int]:
-    """0-based teacher blocks whose attention scores distillation reads."""
-    return [j - 1 for j in teacher_layer_for(student_layers, teacher_layers)]
+def frozen_teacher_outputs(teacher, input_ids, segment_ids, attention_mask, domain,
+                           student_layers: int):
+    """What distillation reads from a frozen teacher, computed under inference mode.
+
+    Only the mapped blocks build attention scores (the others run the fused kernel), and only
+    the tensors the losses read are kept, cloned out of inference mode so autograd may save
+    them as targets. The values are those of a plain forward pass.
+    """
+    mapped = teacher_layer_for(student_layers, teacher.config.num_hidden_layers)
+    with torch.inference_mode():
+        out = teacher(input_ids, segment_ids, attention_mask, domain=domain,
+                      score_layers=[j - 1 for j in mapped])
+    kept = {0, *mapped}
+    hidden = [h.clone() if i in kept else None for i, h in enumerate(out.hidden_states)]
+    scores = [None if s is None else s.clone() for s in out.attention_scores]
+    return type(out)(out.logits.clone(), hidden, scores)
 
 
 def layer_losses(student_out, teacher_out) -> List[torch.Tensor]:

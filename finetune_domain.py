@@ -18,11 +18,9 @@ import argparse
 import os
 import sys
 
-import torch
-
 import utils
 from data_processing import get_processor
-from distillation import mapped_score_layers, tinybert_kd_loss
+from distillation import frozen_teacher_outputs, tinybert_kd_loss
 from modeling import (BertClassifier, find_weights_file, load_weights, model_from_checkpoint,
                       resolve_config)
 
@@ -68,17 +66,12 @@ def build_student(args, vocab_size: int, num_labels: int, teacher_width: int,
 
 def make_kd_loss(teacher, args):
     """The stage-2 objective as the loop's compute_loss."""
-    score_layers = None
 
     def compute_loss(student, batches):
-        nonlocal score_layers
         batch = batches[0]
         inputs = (batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
-        if score_layers is None:
-            score_layers = mapped_score_layers(utils.unwrap(student).config.num_hidden_layers,
-                                               teacher.config.num_hidden_layers)
-        with torch.no_grad():  # frozen teacher; only the mapped layers' scores are built
-            teacher_out = teacher(*inputs, score_layers=score_layers)
+        student_layers = utils.unwrap(student).config.num_hidden_layers
+        teacher_out = frozen_teacher_outputs(teacher, *inputs, None, student_layers)
         student_out = student(*inputs)
         return tinybert_kd_loss(student_out, teacher_out, args.hidden_ratio, args.pred_ratio,
                                 args.temperature)

@@ -33,7 +33,8 @@ import torch
 
 import utils
 from data_processing import concat_domain_batches, get_processor
-from distillation import DomainRelationalGraph, domain_prototypes, hrkd_loss, mapped_score_layers
+from distillation import (DomainRelationalGraph, domain_prototypes, frozen_teacher_outputs,
+                          hrkd_loss)
 from finetune_domain import add_student_args, build_student, student_vocab
 from modeling import model_from_checkpoint, split_output
 
@@ -109,17 +110,12 @@ class WeightRecorder:
 
 def make_hrkd_loss(teachers, graph, args, recorder: Optional[WeightRecorder]):
     """The stage-4 objective as the loop's compute_loss (one student forward for all domains)."""
-    score_layers = None
 
     def compute_loss(student, batches):
-        nonlocal score_layers
-        if score_layers is None:
-            score_layers = mapped_score_layers(utils.unwrap(student).config.num_hidden_layers,
-                                               teachers[0].config.num_hidden_layers)
-        with torch.no_grad():  # frozen teachers: only the mapped layers' scores are built
-            teacher_outs = [teacher(b["input_ids"], b["segment_ids"], b["attention_mask"],
-                                    domain=d, score_layers=score_layers)
-                            for d, (teacher, b) in enumerate(zip(teachers, batches))]
+        student_layers = utils.unwrap(student).config.num_hidden_layers
+        teacher_outs = [frozen_teacher_outputs(teacher, b["input_ids"], b["segment_ids"],
+                                               b["attention_mask"], d, student_layers)
+                        for d, (teacher, b) in enumerate(zip(teachers, batches))]
         merged, domain_ids, sizes = concat_domain_batches(batches)
         student_outs = split_output(student(merged["input_ids"], merged["segment_ids"],
                                             merged["attention_mask"], domain=domain_ids), sizes)

@@ -1,0 +1,248 @@
+"""Benchmarks: a training step of each stage, the straightforward HRKD step, and inference.
+
+Times, for a teacher and a student config, sequence length T and per-domain batch B:
+  (a) one optimisation step of each of the four stages, using the stages' own loss functions
+      (examples per second: median over --steps steps after --warmup; peak memory), plus the
+      straightforward HRKD step (one teacher forward and one student forward per domain, full
+      attention scores in every layer, teachers under plain no_grad), so the gain is measured in
+      the same run;
+  (b) inference throughput of the teacher and the student on the same inputs (--infer_batch),
+      and their ratio.
+Weights are random (speed does not depend on them). Writes JSON to stdout or --out.
+
+    python bench.py --preset tiny                    # demo sizes, seconds
+    python bench.py --preset paper --device cpu      # BERT-base x 5 domains -> TinyBERT 4L-312
+    python bench.py --preset paper --device cuda --amp bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+import utils
+from distillation import DomainRelationalGraph, domain_prototypes, hrkd_loss
+from finetune_domain import make_kd_loss
+from finetune_multi_domain import make_hrkd_loss
+from modeling import BertClassifier, resolve_config
+from train_domain import cross_entropy_loss
+from train_multi_domain import make_multi_domain_ce
+
+PRESETS = {
+    "tiny": dict(teacher="tiny_teacher", student="tiny_student", seq_len=40, batch=16, domains=4,
+                 vocab=250),
+    "paper": dict(teacher="bert_base", student="tinybert_4l_312", seq_len=128, batch=8, domains=5,
+                  vocab=30522),
+}
+
+
+def random_batch(batch: int, seq_len: int, vocab: int, generator: torch.Generator):
+    """Token ids with realistic padding: lengths uniform in [T/4, T]."""
+    lengths = torch.randint(seq_len // 4, seq_len + 1, (batch,), generator=generator)
+    positions = torch.arange(seq_len)[None]
+    attention_mask = (positions < lengths[:, None]).long()
+    input_ids = torch.randint(5, vocab, (batch, seq_len), generator=generator) * attention_mask
+    return {"input_ids": input_ids, "segment_ids": torch.zeros_like(input_ids),
+            "attention_mask": attention_mask,
+            "labels": torch.randint(0, 3, (batch,), generator=generator)}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    # CPU: the process's peak resident set so far (an upper bound for the case just run).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_steps(step, steps: int, warmup: int, device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    durations = []
+    for index in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        if index >= warmup:
+            durations.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(durations), "peak_memory_mb": peak_memory_mb(device)}
+
+
+def training_step(model, extra, compute_loss, batches, device, amp):
+    """One optimisation step as the loop runs it (AMP, clipping, AdamW)."""
+    modules = {"model": model, **extra}
+    optimizer = utils.build_optimizer(modules, 1e-5, 0.01)
+    scaler = utils.make_scaler(device, amp)
+    parameters = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+
+    def step():
+        with utils.autocast(device, amp):
+            loss = compute_loss(model, batches)["loss"]
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def straightforward_hrkd_loss(teachers, graph, args):
+    """The HRKD step written the obvious way: per-domain forwards, every layer's scores."""
+
+    def compute_loss(student, batches):
+        teacher_outs, student_outs = [], []
+        for d, (teacher, b) in enumerate(zip(teachers, batches)):
+            inputs = (b["input_ids"], b["segment_ids"], b["attention_mask"])
+            with torch.no_grad():
+                teacher_outs.append(teacher(*inputs, domain=d))
+            student_outs.append(student(*inputs, domain=d))
+        weights, _ = graph(domain_prototypes([o.hidden_states for o in student_outs]))
+        return hrkd_loss(student_outs, teacher_outs, weights, args.hidden_ratio,
+                         args.pred_ratio, args.temperature)
+
+    return compute_loss
+
+
+def run_benchmarks(args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    teacher_config = resolve_config(args.teacher, args.vocab)
+    student_config = resolve_config(args.student, args.vocab)
+    width = teacher_config.hidden_size
+    domains = args.domains
+
+    def to_dev(batch):
+        return utils.to_device(batch, device)
+
+    batches = [to_dev(random_batch(args.batch, args.seq_len, args.vocab, generator))
+               for _ in range(domains)]
+    loss_args = SimpleNamespace(hidden_ratio=1.0, pred_ratio=1.0, temperature=1.0)
+    results = {"config": vars(args), "torch": torch.__version__, "machine": platform.machine(),
+               "processor": platform.processor(), "threads": torch.get_num_threads(),
+               "device_name": (torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+               "train_step": {}, "inference": {}}
+
+    def record(name, step, examples):
+        timing = time_steps(step, args.steps, args.warmup, device)
+        timing["examples_per_s"] = examples / timing["median_s"]
+        results["train_step"][name] = timing
+        print(f"{name:28s} {timing['median_s'] * 1000:9.1f} ms/step "
+              f"{timing['examples_per_s']:9.1f} ex/s  peak {timing['peak_memory_mb']:8.0f} MB",
+              file=sys.stderr)
+
+    # Stage 1: one teacher, cross-entropy.
+    teacher = BertClassifier(teacher_config, 3).to(device)
+    record("stage1_teacher_ce", training_step(teacher, {}, cross_entropy_loss, batches[:1],
+                                              device, args.amp), args.batch)
+    del teacher
+    # Stage 2: TinyBERT-KD on one domain.
+    frozen = utils.freeze(BertClassifier(teacher_config, 3).to(device))
+    student = BertClassifier(student_config, 3, fit_size=width).to(device)
+    record("stage2_tinybert_kd", training_step(student, {}, make_kd_loss(frozen, loss_args),
+                                               batches[:1], device, args.amp), args.batch)
+    del frozen, student
+    # Stage 3: multi-domain teacher, one forward over all domains.
+    multi_teacher = BertClassifier(teacher_config, 3, num_domains=domains).to(device)
+    record("stage3_multi_domain_ce", training_step(multi_teacher, {}, make_multi_domain_ce(None),
+                                                   batches, device, args.amp),
+           args.batch * domains)
+    del multi_teacher
+    # Stage 4: HRKD, optimised and straightforward, same models and inputs.
+    teachers = [utils.freeze(BertClassifier(teacher_config, 3, num_domains=domains).to(device))
+                for _ in range(domains)]
+    student = BertClassifier(student_config, 3, num_domains=domains, fit_size=width).to(device)
+    graph = DomainRelationalGraph(student_config.num_hidden_layers + 1, domains, width).to(device)
+    graph.requires_grad_(False)
+    record("stage4_hrkd", training_step(student, {"graph": graph},
+                                        make_hrkd_loss(teachers, graph, loss_args, None),
+                                        batches, device, args.amp), args.batch * domains)
+    record("stage4_hrkd_straightforward",
+           training_step(student, {"graph": graph},
+                         straightforward_hrkd_loss(teachers, graph, loss_args), batches,
+                         device, args.straightforward_amp), args.batch * domains)
+    steps = results["train_step"]
+    results["hrkd_speedup_vs_straightforward"] = (
+        steps["stage4_hrkd"]["examples_per_s"] / steps["stage4_hrkd_straightforward"]["examples_per_s"])
+    del teachers
+    # Inference: teacher vs student, same inputs, fused attention, inference mode.
+    inputs = to_dev(random_batch(args.infer_batch, args.seq_len, args.vocab, generator))
+    for name, model in (("teacher", BertClassifier(teacher_config, 3)),
+                        ("student", BertClassifier(student_config, 3, fit_size=width))):
+        model = model.to(device).eval()
+
+        def infer():
+            with torch.inference_mode(), utils.autocast(device, args.amp):
+                model(inputs["input_ids"], inputs["segment_ids"], inputs["attention_mask"],
+                      score_layers=())
+
+        timing = time_steps(infer, args.steps, args.warmup, device)
+        timing["examples_per_s"] = args.infer_batch / timing["median_s"]
+        results["inference"][name] = timing
+        print(f"inference {name:18s} {timing['median_s'] * 1000:9.1f} ms/batch "
+              f"{timing['examples_per_s']:9.1f} ex/s", file=sys.stderr)
+    results["student_vs_teacher_inference"] = (results["inference"]["student"]["examples_per_s"]
+                                               / results["inference"]["teacher"]["examples_per_s"])
+    print(f"HRKD step vs straightforward: {results['hrkd_speedup_vs_straightforward']:.2f}x; "
+          f"student vs teacher inference: {results['student_vs_teacher_inference']:.2f}x",
+          file=sys.stderr)
+    return results
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="sizes; the flags below override them")
+    parser.add_argument("--teacher", help="teacher config (preset name or config.json)")
+    parser.add_argument("--student", help="student config")
+    parser.add_argument("--seq_len", type=int)
+    parser.add_argument("--batch", type=int, help="examples per domain per step")
+    parser.add_argument("--domains", type=int)
+    parser.add_argument("--vocab", type=int)
+    parser.add_argument("--infer_batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    parser.add_argument("--straightforward_amp", default="off", choices=["off", "bf16", "fp16"],
+                        help="AMP of the straightforward HRKD step (default fp32, the baseline)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", help="write the JSON here (default: stdout)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no GPU is available", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_benchmarks(args)
+    text = json.dumps(results, indent=2)
+    if args.out:
+        utils.atomic_write_text(args.out, text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
