@@ -24,10 +24,11 @@ Single process (8 per domain x 4 GPUs):
 Four GPUs:  torchrun --standalone --nproc_per_node 4 finetune_multi_domain.py ... --batch_size 8
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -37,6 +38,8 @@ from distillation import (DomainRelationalGraph, domain_prototypes, frozen_teach
                           hrkd_loss)
 from finetune_domain import add_student_args, build_student, student_vocab
 from modeling import model_from_checkpoint, split_output
+
+logger = utils.logger
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,14 +111,52 @@ class WeightRecorder:
         return {"domain_weights": weights}
 
 
-def make_hrkd_loss(teachers, graph, args, recorder: Optional[WeightRecorder]):
+def weights_digest(model: torch.nn.Module) -> str:
+    """A digest of a model's weights: equal digests mean the same teacher."""
+    digest = hashlib.sha1()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_teachers(paths: List[str], device) -> Tuple[list, List[List[int]]]:
+    """Frozen teachers, one per distinct checkpoint, and the domains each one serves.
+
+    Stage 3 often has the same evaluation step best for several domains; those domains then
+    share one teacher (in memory and in one forward pass over their concatenated batches).
+    """
+    teachers, groups, index_of = [], [], {}
+    for domain, path in enumerate(paths):
+        model = model_from_checkpoint(path)
+        key = weights_digest(model)
+        if key not in index_of:
+            index_of[key] = len(teachers)
+            teachers.append(utils.freeze(model).to(device))
+            groups.append([])
+        groups[index_of[key]].append(domain)
+    return teachers, groups
+
+
+def teacher_outputs(teachers, groups, batches, student_layers: int):
+    """Each domain's teacher output; one forward per distinct teacher, with per-row heads."""
+    outputs = [None] * len(batches)
+    for teacher, domains in zip(teachers, groups):
+        merged, local_ids, sizes = concat_domain_batches([batches[d] for d in domains])
+        heads = torch.tensor(domains, device=local_ids.device)[local_ids]
+        out = frozen_teacher_outputs(teacher, merged["input_ids"], merged["segment_ids"],
+                                     merged["attention_mask"], heads, student_layers)
+        for domain, part in zip(domains, split_output(out, sizes)):
+            outputs[domain] = part
+    return outputs
+
+
+def make_hrkd_loss(teachers, groups, graph, args, recorder: Optional[WeightRecorder]):
     """The stage-4 objective as the loop's compute_loss (one student forward for all domains)."""
 
     def compute_loss(student, batches):
         student_layers = utils.unwrap(student).config.num_hidden_layers
-        teacher_outs = [frozen_teacher_outputs(teacher, b["input_ids"], b["segment_ids"],
-                                               b["attention_mask"], d, student_layers)
-                        for d, (teacher, b) in enumerate(zip(teachers, batches))]
+        teacher_outs = teacher_outputs(teachers, groups, batches, student_layers)
         merged, domain_ids, sizes = concat_domain_batches(batches)
         student_outs = split_output(student(merged["input_ids"], merged["segment_ids"],
                                             merged["attention_mask"], domain=domain_ids), sizes)
@@ -164,7 +205,9 @@ def run(args):
     head_of = {domain: index for index, domain in enumerate(domains)}
     if args.do_train:
         paths = teacher_checkpoints(args.teacher_dir, domains)
-        teachers = [utils.freeze(model_from_checkpoint(p)).to(dist.device) for p in paths]
+        teachers, groups = load_teachers(paths, dist.device)
+        logger.info("%d distinct teacher(s) for %d domains: %s", len(teachers), len(domains),
+                    "; ".join(",".join(domains[d] for d in g) for g in groups))
         teacher_config = teachers[0].config
         utils.check_sequence_length(teacher_config, args.max_seq_length, "teacher")
         student = build_student(args, len(tokenizer), len(processor.labels),
@@ -182,7 +225,7 @@ def run(args):
             model=student, domains=domains, fit_domain=args.domain,
             train_features=utils.split_of(features, "train"),
             dev_features=utils.split_of(features, "dev"), head_of=head_of,
-            compute_loss=make_hrkd_loss(teachers, graph, args, recorder),
+            compute_loss=make_hrkd_loss(teachers, groups, graph, args, recorder),
             checkpoint_meta={"task": args.task, "domains": domains, "labels": processor.labels,
                              "stage": "finetune_multi_domain",
                              "teachers": [os.path.abspath(p) for p in paths]},

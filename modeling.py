@@ -317,10 +317,12 @@ class BertClassifier(nn.Module):
         return every_head[domain, torch.arange(pooled.shape[0], device=pooled.device)]
 
     def forward(self, input_ids, segment_ids, attention_mask, domain=None,
-                score_layers: Optional[Sequence[int]] = None) -> ModelOutput:
+                score_layers: Optional[Sequence[int]] = None, fit: bool = True) -> ModelOutput:
+        """``fit=False`` skips a student's fit maps (prediction needs only the logits); its
+        hidden states are then reported at the student's own width."""
         hidden_states, scores = self.encode(input_ids, segment_ids, attention_mask, score_layers)
         logits = self.classify(self.cls_pooler(hidden_states[-1]), domain)
-        if self.fit_size is not None:
+        if self.fit_size is not None and fit:
             hidden_states = [fit(h) for fit, h in zip(self.fit_denses, hidden_states)]
         return ModelOutput(logits, hidden_states, scores)
 

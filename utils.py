@@ -376,9 +376,9 @@ def predict_logits(model: nn.Module, features: Dict[str, torch.Tensor], domain: 
         batch = to_device({k: v[start:start + batch_size].long() for k, v in features.items()
                            if k != "labels"}, device)
         with autocast(device, amp):
-            # No attention scores are needed: every block runs the fused kernel.
+            # Only logits are needed: every block runs the fused kernel, no fit maps.
             out = model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
-                        domain=domain, score_layers=())
+                        domain=domain, score_layers=(), fit=False)
         outputs.append(out.logits.float().cpu())
     model.train(was_training)
     return torch.cat(outputs) if outputs else torch.zeros(0)

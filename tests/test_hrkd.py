@@ -191,7 +191,8 @@ def run_graph_training(train_graph: bool, steps: int = 3):
     stage = utils.Stage(model=student, domains=domains, fit_domain="a",
                         train_features=train_features, dev_features=train_features,
                         head_of={d: i for i, d in enumerate(domains)},
-                        compute_loss=stage4.make_hrkd_loss(teachers, graph, args, None),
+                        compute_loss=stage4.make_hrkd_loss(teachers, [[0], [1], [2]], graph, args,
+                                                             None),
                         checkpoint_meta={}, extra_modules={"graph": graph})
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     return before, graph, stage, args, student_before
@@ -214,3 +215,36 @@ def test_train_graph_flag_decides_whether_the_graph_moves(tmp_path, train_graph)
     assert any(not torch.equal(student_before[k], student_after[k]) for k in student_before)
     saved = torch.load(run.file("last_checkpoint.pt"), weights_only=True)
     assert all(torch.equal(saved["extra"]["graph"][k], after[k]) for k in after)
+
+
+def test_shared_teacher_forward_equals_separate_forwards():
+    """Domains served by one teacher get one forward pass: the loss is the same."""
+    before, graph, stage, args, _ = run_graph_training(False)
+    from modeling import BertClassifier, BertConfig
+    torch.manual_seed(3)
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4,
+                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+    shared, other = (utils.freeze(BertClassifier(config, 2, num_domains=3)) for _ in range(2))
+    student = stage.model.eval()
+    graph.eval()
+    batches = [{name: tensor[:2] for name, tensor in stage.train_features[d].items()}
+               for d in stage.domains]
+    separate = stage4.make_hrkd_loss([shared, other, shared], [[0], [1], [2]], graph, args, None)
+    grouped = stage4.make_hrkd_loss([shared, other], [[0, 2], [1]], graph, args, None)
+    a, b = separate(student, batches)["loss"], grouped(student, batches)["loss"]
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_load_teachers_groups_identical_checkpoints(tmp_path):
+    from modeling import BertClassifier
+    from conftest import tiny_config
+    paths = []
+    for name, seed in (("a", 0), ("b", 1), ("c", 0)):
+        torch.manual_seed(seed)
+        model = BertClassifier(tiny_config(), 2, num_domains=3)
+        path = tmp_path / f"best_model_{name}.bin"
+        torch.save({"state_dict": model.state_dict(), "config": model.config.to_dict(),
+                    "model_args": model.model_args()}, path)
+        paths.append(str(path))
+    teachers, groups = stage4.load_teachers(paths, torch.device("cpu"))
+    assert len(teachers) == 2 and groups == [[0, 2], [1]]
