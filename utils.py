@@ -469,6 +469,15 @@ def model_checkpoint(stage: Stage, state: TrainState, metrics: Dict[str, float])
     return content
 
 
+def summary_writer(path: str):
+    """tensorboardX's writer (requirements.txt), or PyTorch's where only tensorboard exists."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(path)
+
+
 def _log_scalars(writer, prefix: str, values: Dict[str, float], step: int):
     if writer is None:
         return
@@ -498,8 +507,7 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
         state = _restore(run, stage, optimizer, scheduler, scaler)
     writer = None
     if dist.is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(run.file("tensorboard"))
+        writer = summary_writer(run.file("tensorboard"))
     logger.info("training %s on %s: %d steps (%d per epoch), batch %d x %d domain(s) x %d "
                 "process(es)", type(unwrap(model)).__name__, ",".join(stage.domains),
                 total_steps, len(sampler), args.batch_size, len(stage.domains), dist.world_size)
