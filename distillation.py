@@ -107,34 +107,41 @@ def tinybert_kd_loss(student_out, teacher_out, hidden_ratio: float = 1.0,
 XAVIER_GAIN = 1.414
 
 
-class GraphAttentionLayer(nn.Module):
-    """One graph-attention head on a fully connected graph (self loops included).
+def graph_attention(projected, a, dropout: float, training: bool, slope: float = 0.2):
+    """Attention of K heads at once on a fully connected graph (self loops included).
 
-    h = x @ W; e[i, j] = LeakyReLU(a[:F] . h_i + a[F:] . h_j); alpha = softmax_j(e), dropout;
-    output = ELU(alpha @ h). Parameter names and shapes follow REFERENCE.md section 6.
+    ``projected`` (K, N, F) = x @ W per head; ``a`` (K, 2F, 1). e[i, j] = LeakyReLU(a[:F] . h_i
+    + a[F:] . h_j); alpha = softmax over j, then dropout; returns ELU(alpha @ h), (K, N, F).
     """
+    width = projected.shape[-1]
+    source = projected @ a[:, :width]                              # (K, N, 1)
+    neighbour = projected @ a[:, width:]                           # (K, N, 1)
+    scores = F.leaky_relu(source + neighbour.transpose(1, 2), slope)  # (K, N, N)
+    alpha = F.dropout(torch.softmax(scores, dim=-1), dropout, training)
+    return F.elu(alpha @ projected)
 
-    def __init__(self, in_features: int, out_features: int, dropout: float, slope: float = 0.2):
+
+class GraphAttentionLayer(nn.Module):
+    """One graph-attention head's parameters: ``W`` (in x out, applied as x @ W) and ``a``
+    (2 out x 1: the first half scores the source node, the second half the neighbour), Xavier
+    uniform with gain 1.414. Names and shapes follow REFERENCE.md section 6."""
+
+    def __init__(self, in_features: int, out_features: int, dropout: float):
         super().__init__()
         self.W = nn.Parameter(torch.empty(in_features, out_features))
         self.a = nn.Parameter(torch.empty(2 * out_features, 1))
         nn.init.xavier_uniform_(self.W, gain=XAVIER_GAIN)
         nn.init.xavier_uniform_(self.a, gain=XAVIER_GAIN)
         self.dropout = dropout
-        self.slope = slope
-        self.out_features = out_features
 
     def forward(self, x):
-        h = x @ self.W                                            # (N, F)
-        source = h @ self.a[:self.out_features]                   # (N, 1)
-        neighbour = h @ self.a[self.out_features:]                # (N, 1)
-        scores = F.leaky_relu(source + neighbour.T, self.slope)   # (N, N)
-        alpha = F.dropout(torch.softmax(scores, dim=1), self.dropout, self.training)
-        return F.elu(alpha @ h)
+        return graph_attention((x @ self.W)[None], self.a[None], self.dropout, self.training)[0]
 
 
 class GraphAttentionNetwork(nn.Module):
-    """Two GAT layers: ``heads`` heads H -> H (concatenated), then one head heads*H -> 1."""
+    """Two GAT layers: ``heads`` heads H -> H (concatenated), then one head heads*H -> 1.
+
+    The first layer's heads run as one batched product (same math as a loop over heads)."""
 
     def __init__(self, width: int, heads: int = 8, dropout: float = 0.1):
         super().__init__()
@@ -145,9 +152,13 @@ class GraphAttentionNetwork(nn.Module):
 
     def forward(self, x):
         x = F.dropout(x, self.dropout, self.training)
-        x = torch.cat([head(x) for head in self.attentions], dim=1)
+        weights = torch.stack([head.W for head in self.attentions])        # (K, H, H)
+        vectors = torch.stack([head.a for head in self.attentions])        # (K, 2H, 1)
+        heads = graph_attention(torch.matmul(x, weights), vectors, self.dropout,
+                                self.training)                               # (K, N, H)
+        x = heads.transpose(0, 1).reshape(x.shape[0], -1)                  # concatenated
         x = F.dropout(x, self.dropout, self.training)
-        return self.out_att(x).squeeze(-1)                        # (N,)
+        return self.out_att(x).squeeze(-1)                                  # (N,)
 
 
 class DomainRelationalGraph(nn.Module):
