@@ -353,6 +353,7 @@ def load_domain_features(task: str, data_dir: str, domain: str, tokenizer: WordP
 
     With ``dist`` (utils.Distributed) rank 0 builds and writes the cache while the others wait.
     """
+    _check_domain(get_processor(task), domain)
     key = feature_cache_key(task, data_dir, domain, tokenizer, max_seq_length, train_ratio,
                             dev_ratio, data_seed) if cache_dir else None
     path = os.path.join(cache_dir, key + ".pt") if cache_dir else None

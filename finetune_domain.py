@@ -95,7 +95,7 @@ def run(args):
         utils.check_sequence_length(teacher.config, args.max_seq_length, "teacher")
         student = build_student(args, len(tokenizer), len(processor.labels),
                                 teacher.config.hidden_size)
-        run_dir.prepare_for_training(args)
+        run_dir.prepare_for_training(args, dist)
         utils.setup_logging(run_dir.file("train.log"), dist.is_main)
         utils.copy_vocab(vocab_file, run_dir)
         stage = utils.Stage(

@@ -24,7 +24,6 @@ Single process (8 per domain x 4 GPUs):
 Four GPUs:  torchrun --standalone --nproc_per_node 4 finetune_multi_domain.py ... --batch_size 8
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -111,15 +110,6 @@ class WeightRecorder:
         return {"domain_weights": weights}
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """A digest of a model's weights: equal digests mean the same teacher."""
-    digest = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def load_teachers(paths: List[str], device) -> Tuple[list, List[List[int]]]:
     """Frozen teachers, one per distinct checkpoint, and the domains each one serves.
 
@@ -129,7 +119,7 @@ def load_teachers(paths: List[str], device) -> Tuple[list, List[List[int]]]:
     teachers, groups, index_of = [], [], {}
     for domain, path in enumerate(paths):
         model = model_from_checkpoint(path)
-        key = weights_digest(model)
+        key = utils.weights_digest(model)
         if key not in index_of:
             index_of[key] = len(teachers)
             teachers.append(utils.freeze(model).to(device))
@@ -218,7 +208,7 @@ def run(args):
                                 teacher_config.hidden_size).to(dist.device)
             extra["graph"] = graph
             recorder = WeightRecorder(run_dir, domains)
-        run_dir.prepare_for_training(args)
+        run_dir.prepare_for_training(args, dist)
         utils.setup_logging(run_dir.file("train.log"), dist.is_main)
         utils.copy_vocab(vocab_file, run_dir)
         stage = utils.Stage(

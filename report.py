@@ -133,13 +133,24 @@ def fewshot_table(root: str, task: str):
     return header, rows
 
 
-def plot_domain_weights(run_dir: str, out_path: str, domains: List[str]) -> bool:
-    """Domain weights w[l, d] over training, one panel per level, from domain_weights.jsonl."""
+def read_weight_records(run_dir: str) -> List[dict]:
+    """domain_weights.jsonl, one record per evaluation step (a resumed run may have written a
+    step twice: the later record wins), in step order."""
     path = os.path.join(run_dir, "domain_weights.jsonl")
     if not os.path.isfile(path):
-        return False
+        return []
+    by_step = {}
     with open(path, encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
+        for line in handle:
+            if line.strip():
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def plot_domain_weights(run_dir: str, out_path: str, domains: List[str]) -> bool:
+    """Domain weights w[l, d] over training, one panel per level, from domain_weights.jsonl."""
+    records = read_weight_records(run_dir)
     if not records:
         return False
     import matplotlib
@@ -158,6 +169,7 @@ def plot_domain_weights(run_dir: str, out_path: str, domains: List[str]) -> bool
         axis.set_xlabel("step")
     axes[0, 0].set_ylabel("domain weight")
     axes[0, -1].legend(fontsize=7)
+    figure.suptitle(os.path.relpath(run_dir), fontsize=8)
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
     plt.close(figure)
@@ -166,13 +178,10 @@ def plot_domain_weights(run_dir: str, out_path: str, domains: List[str]) -> bool
 
 def weight_summary(run_dir: str, domains: List[str]) -> Optional[Tuple[list, list]]:
     """Mean and spread (std over evaluations) of each domain's weight, averaged over levels."""
-    path = os.path.join(run_dir, "domain_weights.jsonl")
-    if not os.path.isfile(path):
+    records = read_weight_records(run_dir)
+    if not records:
         return None
-    with open(path, encoding="utf-8") as handle:
-        weights = np.array([json.loads(line)["weights"] for line in handle if line.strip()])
-    if weights.size == 0:
-        return None
+    weights = np.array([record["weights"] for record in records])
     return weights.mean(axis=(0, 1)).tolist(), weights.std(axis=0).mean(axis=0).tolist()
 
 

@@ -57,7 +57,7 @@ def run(args):
         model = BertClassifier(config, num_labels=len(processor.labels))
         if args.init_checkpoint:
             load_weights(model, args.init_checkpoint)
-        run_dir.prepare_for_training(args)
+        run_dir.prepare_for_training(args, dist)
         utils.setup_logging(run_dir.file("train.log"), dist.is_main)
         utils.copy_vocab(vocab_file, run_dir)
         stage = utils.Stage(

@@ -91,7 +91,7 @@ def run(args):
                                           hierarchical=False).to(dist.device)
             graph.requires_grad_(args.train_graph)
             extra["graph"] = graph
-        run_dir.prepare_for_training(args)
+        run_dir.prepare_for_training(args, dist)
         utils.setup_logging(run_dir.file("train.log"), dist.is_main)
         utils.copy_vocab(vocab_file, run_dir)
         stage = utils.Stage(

@@ -325,8 +325,10 @@ class RunDir:
     def best_model(self, domain: Optional[str] = None) -> str:
         return self.file("best_model.bin" if domain is None else f"best_model_{domain}.bin")
 
-    def prepare_for_training(self, args) -> None:
-        """Create the directory; an existing run is only reused with --resume or --overwrite."""
+    def prepare_for_training(self, args, dist: Optional["Distributed"] = None) -> None:
+        """Create the directory; an existing run is only reused with --resume or --overwrite.
+
+        Every rank checks before rank 0 creates anything, so they all decide alike."""
         exists = os.path.isdir(self.path) and os.listdir(self.path)
         if args.resume:
             if not os.path.isfile(self.file(self.LAST)):
@@ -334,6 +336,8 @@ class RunDir:
         elif exists and not args.overwrite:
             raise FileExistsError(f"{self.path}: run directory exists; pass --resume to "
                                   f"continue it or --overwrite to replace it")
+        if dist is not None:
+            dist.barrier()
         if not self.is_main:
             return
         if exists and args.overwrite:
@@ -527,6 +531,7 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
                                state, dist, stage.extra_modules)
             state.global_step += 1
             state.step_in_epoch += 1
+            _injected_fault(state.global_step, dist.rank)
             progress.update(1)
             if dist.is_main:
                 scalars = {k: float(v.detach()) for k, v in losses.items()}
@@ -545,7 +550,39 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
     progress.close()
     if writer is not None:
         writer.close()
+    check_replicas_agree(unwrap(model), dist)
     return state
+
+
+def _injected_fault(step: int, rank: int):
+    """Fault injection for the reliability tests: HRKD_KILL_AT_STEP=N [HRKD_KILL_RANK=r]
+    SIGKILLs the process right after optimisation step N (on rank r only, if given)."""
+    target = os.environ.get("HRKD_KILL_AT_STEP")
+    if not target or int(target) != step:
+        return
+    if os.environ.get("HRKD_KILL_RANK", str(rank)) == str(rank):
+        os.kill(os.getpid(), 9)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-1 over a module's weights (names and exact bytes)."""
+    import hashlib
+    digest = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_agree(model: nn.Module, dist: Distributed):
+    """After DDP training every rank must hold the same weights; stop loudly if not."""
+    if not dist.enabled:
+        return
+    digests = [None] * dist.world_size
+    torch.distributed.all_gather_object(digests, weights_digest(model))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks disagree on the trained weights: {digests}")
+    logger.info("identical weights on all %d ranks (sha1 %s)", dist.world_size, digests[0][:12])
 
 
 def _optimisation_step(args, loss, optimizer, scheduler, scaler, parameters, state: TrainState,
