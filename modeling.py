@@ -351,19 +351,46 @@ class CheckpointError(ValueError):
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "best_model.bin")
 
-# Old and new Hugging Face / Google names -> the released HRKD names (REFERENCE.md section 6).
-_HF_RENAMES = [
-    (r"^embeddings\.word_embeddings\.", "embeddings.token_embeddings."),
-    (r"^embeddings\.token_type_embeddings\.", "embeddings.segment_embeddings."),
-    (r"^embeddings\.LayerNorm\.", "embeddings.layernorm."),
-    (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"encoder.\1.attention.\2."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.\1.attention.dense."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"encoder.\1.attention.layernorm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.\1.ffn.dense1."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.\1.ffn.dense2."),
-    (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.\1.ffn.layernorm."),
-    (r"^pooler\.dense\.", "cls_pooler.dense."),
+# Our (released HRKD, REFERENCE.md section 6) weight-name prefixes and the Hugging Face ones;
+# {i} is a layer index. One table serves loading (HF -> ours) and export (ours -> HF).
+NAME_TABLE = [
+    ("embeddings.token_embeddings.", "embeddings.word_embeddings."),
+    ("embeddings.segment_embeddings.", "embeddings.token_type_embeddings."),
+    ("embeddings.layernorm.", "embeddings.LayerNorm."),
+    ("embeddings.position_embeddings.", "embeddings.position_embeddings."),
+    ("encoder.{i}.attention.query.", "encoder.layer.{i}.attention.self.query."),
+    ("encoder.{i}.attention.key.", "encoder.layer.{i}.attention.self.key."),
+    ("encoder.{i}.attention.value.", "encoder.layer.{i}.attention.self.value."),
+    ("encoder.{i}.attention.dense.", "encoder.layer.{i}.attention.output.dense."),
+    ("encoder.{i}.attention.layernorm.", "encoder.layer.{i}.attention.output.LayerNorm."),
+    ("encoder.{i}.ffn.dense1.", "encoder.layer.{i}.intermediate.dense."),
+    ("encoder.{i}.ffn.dense2.", "encoder.layer.{i}.output.dense."),
+    ("encoder.{i}.ffn.layernorm.", "encoder.layer.{i}.output.LayerNorm."),
+    ("cls_pooler.dense.", "pooler.dense."),
 ]
+
+
+def _prefix_pattern(template: str):
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(\d+)"))
+
+
+_TO_OURS = [(_prefix_pattern(hf), ours) for ours, hf in NAME_TABLE]
+_TO_HF = [(_prefix_pattern(ours), hf) for ours, hf in NAME_TABLE]
+
+
+def _rename(name: str, table) -> Optional[str]:
+    """The renamed weight, or None when no entry of ``table`` matches."""
+    for pattern, template in table:
+        match = pattern.match(name)
+        if match:
+            prefix = template.format(i=match.group(1)) if match.groups() else template
+            return prefix + name[match.end():]
+    return None
+
+
+def to_hf_name(name: str) -> Optional[str]:
+    """Our encoder/pooler weight name in Hugging Face's naming (without ``bert.``)."""
+    return _rename(name, _TO_HF)
 
 
 def _allowed_globals():
@@ -433,35 +460,36 @@ def normalise_names(state_dict: Dict[str, torch.Tensor]):
             name, hf_style = name[:-len("gamma")] + "weight", True
         elif name.endswith(".beta"):
             name, hf_style = name[:-len("beta")] + "bias", True
-        for pattern, replacement in _HF_RENAMES:
-            new_name = re.sub(pattern, replacement, name)
-            if new_name != name:
-                name, hf_style = new_name, True
-                break
+        hf_renamed = _rename(name, _TO_OURS)
+        if hf_renamed is not None and hf_renamed != name:
+            name, hf_style = hf_renamed, True
         renamed[name] = tensor
     return renamed, hf_style
 
 
-def _skipped_for_pretrained(name: str) -> bool:
+def _skipped_for_pretrained(name: str, keep_head: bool) -> bool:
     """Weights of a pretrained BERT/TinyBERT that the released recipe leaves out."""
-    return (name.startswith(("cls.", "cls_pooler.", "classifier", "fit_dense."))
-            or name.endswith("position_ids"))
+    if name.startswith(("cls.", "fit_dense.")) or name.endswith("position_ids"):
+        return True
+    return not keep_head and name.startswith(("cls_pooler.", "classifier"))
 
 
-def load_weights(model: nn.Module, path: str, log: Optional[logging.Logger] = None) -> dict:
+def load_weights(model: nn.Module, path: str, log: Optional[logging.Logger] = None,
+                 keep_head: bool = False) -> dict:
     """Load any supported checkpoint into ``model``; returns the checkpoint's metadata.
 
     Google/HF/TinyBERT checkpoints initialise the encoder and embeddings (and per-layer
-    ``fit_denses``), not the pooler or heads. Files of the released HRKD code and of this project
-    load everything they hold. Missing and unexpected weights are logged; a shape mismatch
-    raises ``CheckpointError`` naming the weight and both shapes.
+    ``fit_denses``), not the pooler or heads, unless ``keep_head`` (a fine-tuned HF
+    classifier, e.g. one exported by export.py). Files of the released HRKD code and of this
+    project load everything they hold. Missing and unexpected weights are logged; a shape
+    mismatch raises ``CheckpointError`` naming the weight and both shapes.
     """
     log = log or logger
     weights_file = find_weights_file(path)
     content = read_checkpoint(weights_file)
     weights, pretrained = normalise_names(content["state_dict"])
     if pretrained:
-        weights = {k: v for k, v in weights.items() if not _skipped_for_pretrained(k)}
+        weights = {k: v for k, v in weights.items() if not _skipped_for_pretrained(k, keep_head)}
     own = model.state_dict()
     for name, tensor in weights.items():
         if name in own and tuple(own[name].shape) != tuple(tensor.shape):
