@@ -539,6 +539,12 @@ def _nli_pair(rng: random.Random, genre: str) -> Tuple[str, str, str]:
     return premise, hypothesis, label
 
 
+def _flip_nli(rng: random.Random, label: str, probability: float) -> str:
+    if rng.random() >= probability:
+        return label
+    return rng.choice([other for other in MnliProcessor.labels if other != label])
+
+
 def _parse_of(sentence: str) -> str:
     return "( " + " ".join(sentence.split()) + " )"
 
@@ -575,15 +581,25 @@ def sample_vocabulary() -> List[str]:
             + sorted(words - set(letters) - set(punctuation)))
 
 
-def generate_sample(out_dir: str, size: str = "small", seed: int = 0) -> Dict[str, str]:
+def generate_sample(out_dir: str, size: str = "small", seed: int = 0,
+                    noisy_domain: Optional[str] = None, flip_prob: float = 0.0) -> Dict[str, str]:
     """Write the synthetic corpus; returns the paths of the MNLI dir, the Amazon dir, the vocab.
 
     Labels follow lexical cues a small model learns in a few hundred steps: shared cues (the
     same in every domain) and domain-specific or polarity-flipping cues, so that what transfers
-    across domains and what does not can be measured.
+    across domains and what does not can be measured. ``noisy_domain`` (an Amazon domain or an
+    MNLI genre) gets each label flipped with probability ``flip_prob`` (Amazon: the review goes
+    to the other polarity's file; MNLI: another label, train.tsv only), so that the teacher
+    trained on it is unreliable.
     """
     if size not in SAMPLE_SIZES:
         raise ValueError(f"unknown sample size '{size}' (expected one of {', '.join(SAMPLE_SIZES)})")
+    known = AmazonProcessor.domains + MnliProcessor.domains
+    if noisy_domain is not None and noisy_domain not in known:
+        raise ValueError(f"unknown noisy domain '{noisy_domain}' (expected one of {', '.join(known)})")
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip probability must be in [0, 1], got {flip_prob}")
+    noise = random.Random(seed + 1)  # a separate stream: the clean corpus stays the same
     n_train, n_test, n_reviews = SAMPLE_SIZES[size]
     rng = random.Random(seed)
     mnli_dir = os.path.join(out_dir, "MNLI")
@@ -593,7 +609,10 @@ def generate_sample(out_dir: str, size: str = "small", seed: int = 0) -> Dict[st
     for genre in MnliProcessor.domains:
         # The fit domain is the largest, as telephone is in the real data.
         scale = 1.5 if genre == MnliProcessor.fit_domain else 1.0
-        train_rows += [(genre, *_nli_pair(rng, genre)) for _ in range(int(n_train * scale))]
+        rows = [(genre, *_nli_pair(rng, genre)) for _ in range(int(n_train * scale))]
+        if genre == noisy_domain:
+            rows = [(g, p, h, _flip_nli(noise, label, flip_prob)) for g, p, h, label in rows]
+        train_rows += rows
         test_rows += [(genre, *_nli_pair(rng, genre)) for _ in range(n_test)]
     rng.shuffle(train_rows)  # genres interleave in the real file
     write_mnli_file(os.path.join(mnli_dir, "train.tsv"), train_rows, test=False)
@@ -601,10 +620,15 @@ def generate_sample(out_dir: str, size: str = "small", seed: int = 0) -> Dict[st
     for domain in AmazonProcessor.domains:
         folder = os.path.join(amazon_dir, domain)
         os.makedirs(folder, exist_ok=True)
+        by_label = {True: [], False: []}
+        for positive in (True, False):
+            for _ in range(n_reviews):
+                text = _review_text(rng, domain, positive)
+                flipped = domain == noisy_domain and noise.random() < flip_prob
+                by_label[positive != flipped].append(text)
         for positive, rating in ((True, 5.0), (False, 1.0)):
-            texts = [_review_text(rng, domain, positive) for _ in range(n_reviews)]
             name = "positive.review" if positive else "negative.review"
-            write_review_file(os.path.join(folder, name), texts, domain, rating)
+            write_review_file(os.path.join(folder, name), by_label[positive], domain, rating)
     vocab_path = os.path.join(out_dir, "vocab.txt")
     utils.atomic_write_text(vocab_path, "\n".join(sample_vocabulary()) + "\n")
     return {"mnli": mnli_dir, "amazon": amazon_dir, "vocab": vocab_path}
@@ -615,8 +639,12 @@ def main(argv=None):
     parser.add_argument("--out", default="dataset/sample", help="output directory")
     parser.add_argument("--size", default="small", choices=sorted(SAMPLE_SIZES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noisy_domain", default=None,
+                        help="an Amazon domain or MNLI genre whose labels are flipped")
+    parser.add_argument("--flip_prob", type=float, default=0.0,
+                        help="probability that a label of --noisy_domain is flipped")
     args = parser.parse_args(argv)
-    paths = generate_sample(args.out, args.size, args.seed)
+    paths = generate_sample(args.out, args.size, args.seed, args.noisy_domain, args.flip_prob)
     print(json.dumps(paths, indent=2))
 
 

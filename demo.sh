@@ -9,11 +9,22 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHON=${PYTHON:-python}
 
+STUDY=0
+if [ "${1:-}" = "--study" ]; then STUDY=1; fi
 DEMO_ROOT=${DEMO_ROOT:-demo_runs}
+if [ "${STUDY}" = 1 ]; then DEMO_ROOT=${STUDY_ROOT:-demo_runs/study}; fi
 SAMPLE=${DEMO_ROOT}/sample
 rm -rf "${DEMO_ROOT}"
 mkdir -p "${DEMO_ROOT}"
-${PYTHON} data_processing.py --out "${SAMPLE}" --size small > /dev/null
+UNRELIABLE=${UNRELIABLE:-kitchen}
+FLIP_PROB=${FLIP_PROB:-0.4}
+if [ "${STUDY}" = 1 ]; then
+  # One Amazon domain's labels flipped with probability FLIP_PROB: its teacher is unreliable.
+  ${PYTHON} data_processing.py --out "${SAMPLE}" --size small \
+    --noisy_domain "${UNRELIABLE}" --flip_prob "${FLIP_PROB}" > /dev/null
+else
+  ${PYTHON} data_processing.py --out "${SAMPLE}" --size small > /dev/null
+fi
 
 # Tiny models from random initialisation, the generated vocabulary, demo-sized optimisation.
 export OUT_ROOT=${DEMO_ROOT}
@@ -38,6 +49,19 @@ stage() {  # name, launcher, learning rate, epochs, per-domain total batch
 }
 
 start=$(date +%s)
+if [ "${STUDY}" = 1 ]; then
+  echo "== graph study: '${UNRELIABLE}' labels flipped with p=${FLIP_PROB}; Amazon format"
+  export TASKS=amazon GRAPH_DROPOUT=${GRAPH_DROPOUT:-0.1}
+  stage "stage 3, multi-domain teacher" train_multi_domain.sh "${TEACHER_LR}" "${EPOCHS_MULTI_TEACHER}" 16
+  VARIANTS="hrkd uniform meta meta_gold" META_ARGS="--meta_lr 1e-2 --meta_every 1" \
+    stage "stage 4, graph / uniform / meta weighting" finetune_multi_domain.sh "${STUDENT_LR}" \
+    "${EPOCHS_MULTI_STUDENT}" 16
+  echo "== study: $(( $(date +%s) - start )) s"
+  ${PYTHON} report.py --runs "${DEMO_ROOT}" --out "${DEMO_ROOT}/report" --tasks amazon \
+    --study_domain "${UNRELIABLE}"
+  echo "(a sensible weighting gives '${UNRELIABLE}' less than 1/D; plots in ${DEMO_ROOT}/report)"
+  exit 0
+fi
 echo "== HRKD demo: generated MNLI-style and Amazon-style data, tiny models, CPU"
 stage "stage 1, single-domain teachers" train_domain.sh "${TEACHER_LR}" "${EPOCHS_SINGLE}" 32
 stage "stage 2, TinyBERT-KD students" finetune_domain.sh "${STUDENT_LR}" "${EPOCHS_SINGLE}" 32

@@ -30,9 +30,10 @@ import sys
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 import utils
-from data_processing import concat_domain_batches, get_processor
+from data_processing import concat_domain_batches, get_processor, take
 from distillation import (DomainRelationalGraph, domain_prototypes, frozen_teacher_outputs,
                           hrkd_loss)
 from finetune_domain import add_student_args, build_student, student_vocab
@@ -55,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--graph_dropout", type=float, default=0.1,
                        help="dropout inside the graph (released: 0.1)")
     graph.add_argument("--graph_heads", type=int, default=8)
+    graph.add_argument("--domain_weighting", choices=["graph", "uniform", "meta"],
+                       default="graph",
+                       help="graph: the released graph's weights; uniform: every w = 1/D (the "
+                            "control); meta: the graph learned by one-step lookahead")
+    meta = parser.add_argument_group("meta-learned graph (--domain_weighting meta)")
+    meta.add_argument("--meta_lr", type=float, default=1e-3, help="Adam rate of the graph")
+    meta.add_argument("--meta_every", type=int, default=1,
+                      help="a meta step every N training steps (cost control)")
+    meta.add_argument("--meta_virtual_lr", type=float, default=None,
+                      help="SGD rate of the virtual student step (default: --learning_rate)")
+    meta.add_argument("--meta_objective", choices=["distill", "gold"], default="distill",
+                      help="held-out loss of the virtually updated student: the unweighted "
+                           "distillation loss, or cross-entropy with the gold labels")
     return parser
 
 
@@ -141,33 +155,151 @@ def teacher_outputs(teachers, groups, batches, student_layers: int):
     return outputs
 
 
-def make_hrkd_loss(teachers, groups, graph, args, recorder: Optional[WeightRecorder]):
-    """The stage-4 objective as the loop's compute_loss (one student forward for all domains)."""
+def student_outputs(student, batches, params=None):
+    """One student forward over all domains, split per domain. With ``params`` the student runs
+    functionally on those tensors (the meta step's virtual parameters)."""
+    merged, domain_ids, sizes = concat_domain_batches(batches)
+    inputs = (merged["input_ids"], merged["segment_ids"], merged["attention_mask"])
+    if params is None:
+        out = student(*inputs, domain=domain_ids)
+    else:
+        out = torch.func.functional_call(utils.unwrap(student), params, inputs,
+                                         {"domain": domain_ids})
+    return split_output(out, sizes)
+
+
+def domain_weights(weighting: str, graph, student_outs, frozen_graph: bool = False):
+    """w (levels, D) and the hierarchical attentions, or (None, None) without a graph.
+
+    ``frozen_graph``: the graph's parameters as constants (the meta-learned graph must not
+    receive the weighted loss's own gradient)."""
+    if graph is None:
+        return None, None
+    if weighting == "uniform":
+        levels, domains = graph.levels, graph.num_domains
+        weights = torch.full((levels, domains), 1.0 / domains,
+                             device=student_outs[0].logits.device)
+        return weights, [None] * levels
+    prototypes = domain_prototypes([out.hidden_states for out in student_outs])
+    if frozen_graph:
+        constants = {name: p.detach() for name, p in graph.named_parameters()}
+        return torch.func.functional_call(graph, constants, (prototypes,))
+    return graph(prototypes)
+
+
+def make_hrkd_loss(teachers, groups, graph, args, recorder: Optional[WeightRecorder],
+                   meta: Optional["MetaGraphLearner"] = None):
+    """The stage-4 objective as the loop's compute_loss (one student forward for all domains).
+
+    With ``meta`` the graph first takes its meta step on this step's batches (every
+    --meta_every steps); the student's real update then uses the updated graph's weights."""
+    weighting = getattr(args, "domain_weighting", "graph")
 
     def compute_loss(student, batches):
         student_layers = utils.unwrap(student).config.num_hidden_layers
         teacher_outs = teacher_outputs(teachers, groups, batches, student_layers)
-        merged, domain_ids, sizes = concat_domain_batches(batches)
-        student_outs = split_output(student(merged["input_ids"], merged["segment_ids"],
-                                            merged["attention_mask"], domain=domain_ids), sizes)
-        weights = None
-        if graph is not None:
-            prototypes = domain_prototypes([out.hidden_states for out in student_outs])
-            weights, hierarchy = graph(prototypes)
-            if recorder is not None:
-                recorder.add(weights, hierarchy)
-        return hrkd_loss(student_outs, teacher_outs, weights, args.hidden_ratio,
-                         args.pred_ratio, args.temperature)
+        losses = {}
+        if meta is not None:
+            meta_loss = meta.maybe_step(student, batches, teacher_outs)
+            if meta_loss is not None:
+                losses["meta_loss"] = meta_loss
+        student_outs = student_outputs(student, batches)
+        weights, hierarchy = domain_weights(weighting, graph, student_outs,
+                                            frozen_graph=meta is not None)
+        if weights is not None and recorder is not None:
+            recorder.add(weights, hierarchy)
+        losses.update(hrkd_loss(student_outs, teacher_outs, weights, args.hidden_ratio,
+                                args.pred_ratio, args.temperature))
+        return losses
 
     return compute_loss
+
+
+class MetaGraphLearner:
+    """Learns the graph by a one-step lookahead, as in learning to reweight.
+
+    A virtual SGD step of the student on the graph-weighted loss, theta' = theta - lr * grad,
+    kept as a function of the graph; then the graph's parameters step (Adam, --meta_lr) to lower
+    the meta objective of the virtually updated student on held-out batches drawn from every
+    domain's training data: the unweighted distillation loss, or the gold-label cross-entropy.
+    Minimising the weighted loss itself would put all weight on the easiest domain. The student
+    runs functionally on theta' (torch.func.functional_call): no copy of it is made and its
+    real parameters are not touched.
+    """
+
+    def __init__(self, graph, teachers, groups, train_features, domains, args, device):
+        self.graph, self.teachers, self.groups = graph, teachers, groups
+        self.features = [train_features[d] for d in domains]
+        self.args, self.device = args, device
+        self.virtual_lr = args.meta_virtual_lr or args.learning_rate
+        self.optimizer = torch.optim.Adam(graph.parameters(), lr=args.meta_lr)
+        self.generator = torch.Generator().manual_seed(args.seed + 7919)
+        self.calls = 0
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "calls": self.calls,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.calls = state["calls"]
+        self.generator.set_state(state["generator"])
+
+    def held_out_batches(self):
+        batches = []
+        for features in self.features:
+            count = features["labels"].shape[0]
+            rows = torch.randint(0, count, (self.args.batch_size,), generator=self.generator)
+            batches.append(utils.to_device(take(features, rows), self.device))
+        return batches
+
+    def maybe_step(self, student, batches, teacher_outs):
+        self.calls += 1
+        if self.calls % self.args.meta_every:  # steps N, 2N, ...
+            return None
+        return self.step(student, batches, teacher_outs)
+
+    def step(self, student, batches, teacher_outs) -> torch.Tensor:
+        args = self.args
+        params = {n: p for n, p in utils.unwrap(student).named_parameters() if p.requires_grad}
+        student_outs = student_outputs(student, batches, params)
+        weights, _ = domain_weights("graph", self.graph, student_outs)
+        weighted = hrkd_loss(student_outs, teacher_outs, weights, args.hidden_ratio,
+                             args.pred_ratio, args.temperature)["loss"]
+        grads = torch.autograd.grad(weighted, list(params.values()), create_graph=True,
+                                    allow_unused=True)
+        virtual = {name: value if grad is None else value - self.virtual_lr * grad
+                   for (name, value), grad in zip(params.items(), grads)}
+        held_out = self.held_out_batches()
+        outs = student_outputs(student, held_out, virtual)
+        if args.meta_objective == "gold":
+            objective = sum(F.cross_entropy(out.logits.float(), b["labels"])
+                            for out, b in zip(outs, held_out))
+        else:
+            targets = teacher_outputs(self.teachers, self.groups, held_out,
+                                      len(outs[0].attention_scores))
+            objective = hrkd_loss(outs, targets, None, args.hidden_ratio, args.pred_ratio,
+                                  args.temperature)["loss"]
+        graph_params = [p for p in self.graph.parameters()]
+        meta_grads = torch.autograd.grad(objective, graph_params, allow_unused=True)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for parameter, grad in zip(graph_params, meta_grads):
+            parameter.grad = torch.zeros_like(parameter) if grad is None else grad.detach()
+            if distributed:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= torch.distributed.get_world_size()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return objective.detach()
 
 
 def build_graph(args, levels: int, num_domains: int, width: int) -> DomainRelationalGraph:
     graph = DomainRelationalGraph(levels, num_domains, width, heads=args.graph_heads,
                                   dropout=args.graph_dropout, hierarchical=args.hierarchical)
     # Released behaviour: the graph is never given to the optimiser. Gradients still reach the
-    # student through w (the prototypes are not detached).
-    graph.requires_grad_(args.train_graph)
+    # student through w (the prototypes are not detached). The meta-learner differentiates its
+    # objective with respect to the graph, but steps it with its own optimiser only.
+    graph.requires_grad_(args.train_graph or args.domain_weighting == "meta")
     return graph
 
 
@@ -176,6 +308,14 @@ def validate_args(args):
         raise ValueError(f"--graph_dropout must be in [0, 1), got {args.graph_dropout}")
     if args.train_graph and not args.use_graph:
         raise ValueError("--train_graph needs the graph (drop --no_use_graph)")
+    if args.domain_weighting != "graph" and not args.use_graph:
+        raise ValueError(f"--domain_weighting {args.domain_weighting} replaces the graph's "
+                         f"weights; it cannot be combined with --no_use_graph")
+    if args.domain_weighting == "meta" and args.train_graph:
+        raise ValueError("--domain_weighting meta learns the graph by its meta-objective; "
+                         "drop --train_graph (which would also step it on the weighted loss)")
+    if args.meta_every <= 0 or args.meta_lr <= 0:
+        raise ValueError("--meta_every and --meta_lr must be positive")
 
 
 def run(args):
@@ -208,6 +348,11 @@ def run(args):
                                 teacher_config.hidden_size).to(dist.device)
             extra["graph"] = graph
             recorder = WeightRecorder(run_dir, domains)
+        meta, extra_state = None, {}
+        if args.use_graph and args.domain_weighting == "meta":
+            meta = MetaGraphLearner(graph, teachers, groups, utils.split_of(features, "train"),
+                                    domains, args, dist.device)
+            extra_state["meta"] = meta
         run_dir.prepare_for_training(args, dist)
         utils.setup_logging(run_dir.file("train.log"), dist.is_main)
         utils.copy_vocab(vocab_file, run_dir)
@@ -215,11 +360,12 @@ def run(args):
             model=student, domains=domains, fit_domain=args.domain,
             train_features=utils.split_of(features, "train"),
             dev_features=utils.split_of(features, "dev"), head_of=head_of,
-            compute_loss=make_hrkd_loss(teachers, groups, graph, args, recorder),
+            compute_loss=make_hrkd_loss(teachers, groups, graph, args, recorder, meta),
             checkpoint_meta={"task": args.task, "domains": domains, "labels": processor.labels,
                              "stage": "finetune_multi_domain",
                              "teachers": [os.path.abspath(p) for p in paths]},
-            extra_modules=extra,
+            extra_modules=extra, extra_state=extra_state,
+            optimise_extra=args.domain_weighting != "meta",
             on_evaluation=recorder.flush if recorder else None)
         utils.train(args, stage, run_dir, dist)
     if args.do_test and dist.is_main:

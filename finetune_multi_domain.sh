@@ -18,8 +18,10 @@ HIDDEN_RATIO=${HIDDEN_RATIO:-1}
 PRED_RATIO=${PRED_RATIO:-1}
 TEMPERATURE=${TEMPERATURE:-1}
 GRAPH_DROPOUT=${GRAPH_DROPOUT:-0.1}
+META_ARGS=${META_ARGS:-"--meta_lr 1e-3 --meta_every 1"}   # used by the meta variants
 # Variants: hrkd (the paper's method), no_hierarchy and no_graph (its ablations), and the
-# graph studies: uniform (w = 1/D), meta (graph learned by a meta-objective), trained_graph.
+# graph studies: uniform (w = 1/D), meta (graph learned by a meta-objective on the unweighted
+# distillation loss), meta_gold (the same on the gold labels), trained_graph (--train_graph).
 VARIANTS=${VARIANTS:-"hrkd no_hierarchy no_graph"}
 
 # ---- few-shot section: MODE=fewshot (or both) repeats the stage on p% of the training data ---
@@ -35,6 +37,7 @@ variant_args() {
     trained_graph) echo "--use_graph --hierarchical --train_graph" ;;
     uniform) echo "--domain_weighting uniform" ;;
     meta) echo "--domain_weighting meta" ;;
+    meta_gold) echo "--domain_weighting meta --meta_objective gold" ;;
     *) echo "error: unknown variant $1" >&2; return 1 ;;
   esac
 }
@@ -54,7 +57,7 @@ run_stage() {
           --batch_size "${BATCH}" --learning_rate "${LR}" --num_train_epochs "${EPOCHS}" \
           --hidden_ratio "${HIDDEN_RATIO}" --pred_ratio "${PRED_RATIO}" \
           --temperature "${TEMPERATURE}" --graph_dropout "${GRAPH_DROPOUT}" \
-          $(variant_args "${VARIANT}") --train_ratio "${ratio}" --val_freq "${VAL_FREQ}" \
+          $(variant_args "${VARIANT}") ${META_ARGS} --train_ratio "${ratio}" --val_freq "${VAL_FREQ}" \
           --seed "${SEED}" --amp "${AMP}" \
           --output_dir "${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}" \
           --do_train --do_test ${EXTRA_ARGS}

@@ -39,6 +39,7 @@ METHODS: List[Tuple[str, str, bool]] = [
     ("HRKD (no hierarchy)", "finetune_multi_domain/{task}/no_hierarchy", False),
     ("HRKD (uniform weights)", "finetune_multi_domain/{task}/uniform", False),
     ("HRKD (meta graph)", "finetune_multi_domain/{task}/meta", False),
+    ("HRKD (meta graph, gold objective)", "finetune_multi_domain/{task}/meta_gold", False),
     ("HRKD (trained graph)", "finetune_multi_domain/{task}/trained_graph", False),
     ("HRKD", "finetune_multi_domain/{task}/hrkd", False),
 ]
@@ -185,6 +186,32 @@ def weight_summary(run_dir: str, domains: List[str]) -> Optional[Tuple[list, lis
     return weights.mean(axis=(0, 1)).tolist(), weights.std(axis=0).mean(axis=0).tolist()
 
 
+def study_table(root: str, task: str, unreliable: str):
+    """Per stage-4 run: the weight it gave the unreliable domain, and test accuracy elsewhere."""
+    domains = PROCESSORS[task].domains
+    index = domains.index(unreliable)
+    others = [d for d in domains if d != unreliable]
+    header = (["Run", f"w[{unreliable}] mean", f"w[{unreliable}] last", f"1/D"]
+              + [f"test {d}" for d in others] + ["test mean (others)", f"test {unreliable}"])
+    rows = []
+    for label, template, per_domain in METHODS:
+        if per_domain or not template.startswith("finetune_multi_domain"):
+            continue
+        for run_dir in seed_dirs(os.path.join(root, template.format(task=task, domain=""))):
+            records = read_weight_records(run_dir)
+            weights = np.array([r["weights"] for r in records]) if records else None
+            accuracy = {d: _test_accuracy(run_dir, d) for d in domains}
+            if any(v is None for v in accuracy.values()):
+                continue
+            mean_w = f"{weights[:, :, index].mean():.4f}" if weights is not None else "-"
+            last_w = f"{weights[-1, :, index].mean():.4f}" if weights is not None else "-"
+            rows.append([f"{label} ({os.path.basename(run_dir)})", mean_w, last_w,
+                         f"{1 / len(domains):.4f}"] + [f"{accuracy[d]:.1f}" for d in others]
+                        + [f"{np.mean([accuracy[d] for d in others]):.1f}",
+                           f"{accuracy[unreliable]:.1f}"])
+    return header, rows
+
+
 def report(root: str, out_dir: str, tasks: List[str]) -> str:
     printed = []
     for task in tasks:
@@ -224,11 +251,22 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="runs", help="the runs root the .sh files write")
     parser.add_argument("--out", default=None, help="default: <runs>/report")
     parser.add_argument("--tasks", nargs="+", default=list(PROCESSORS), choices=list(PROCESSORS))
+    parser.add_argument("--study_domain", default=None,
+                        help="also tabulate the weight each stage-4 run gave this (unreliable) "
+                             "domain and the test accuracy on the others")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.runs):
         print(f"error: {args.runs}: runs directory not found", file=sys.stderr)
         return 1
-    text = report(args.runs, args.out or os.path.join(args.runs, "report"), args.tasks)
+    out_dir = args.out or os.path.join(args.runs, "report")
+    text = report(args.runs, out_dir, args.tasks)
+    if args.study_domain:
+        for task in args.tasks:
+            if args.study_domain in PROCESSORS[task].domains:
+                header, rows = study_table(args.runs, task, args.study_domain)
+                text += "\n" + write_table(out_dir, f"study_{task}", header, rows,
+                                           f"{task}: the unreliable domain "
+                                           f"'{args.study_domain}'")
     print(text if text else f"no finished runs under {args.runs}")
     return 0
 

@@ -409,9 +409,11 @@ class Stage:
     """What differs between the stages; the loop does the rest.
 
     compute_loss(model, batches) gets the trained model (DDP-wrapped when distributed) and one
-    batch dict per domain (on the device), and returns a dict of named losses whose "loss" entry is optimised. ``model`` is the trained model (DDP-wrapped
-    by the loop when distributed); ``extra_modules`` are saved with it (e.g. the graph) and
-    their trainable parameters optimised with it.
+    batch dict per domain (on the device), and returns a dict of named losses whose "loss"
+    entry is optimised. ``extra_modules`` (e.g. the graph) are saved in every checkpoint and
+    their trainable parameters join the model's optimiser when ``optimise_extra``;
+    ``extra_state`` holds other objects with state_dict/load_state_dict (e.g. a meta-learner)
+    that the resume state carries.
     """
 
     model: nn.Module
@@ -423,6 +425,8 @@ class Stage:
     compute_loss: Callable[[nn.Module, List[Dict[str, torch.Tensor]]], Dict[str, torch.Tensor]]
     checkpoint_meta: dict
     extra_modules: Dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    optimise_extra: bool = True
+    extra_state: Dict[str, object] = dataclasses.field(default_factory=dict)
     # Called on rank 0 at every evaluation with (step, tensorboard writer or None); returns
     # entries for results.json's "dev" section.
     on_evaluation: Optional[Callable[[int, object], dict]] = None
@@ -502,7 +506,7 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
                    else math.ceil(len(sampler) * args.num_train_epochs))
     model = dist.wrap(stage.model.to(device))
     stage.model = model
-    modules = {"model": unwrap(model), **stage.extra_modules}
+    modules = {"model": unwrap(model), **(stage.extra_modules if stage.optimise_extra else {})}
     optimizer = build_optimizer(modules, args.learning_rate, args.weight_decay)
     scheduler = linear_warmup_schedule(optimizer, total_steps, args.warmup_proportion)
     scaler = make_scaler(device, args.amp)
@@ -528,7 +532,7 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
             with autocast(device, args.amp):
                 losses = stage.compute_loss(model, batches)
             _optimisation_step(args, losses["loss"], optimizer, scheduler, scaler, parameters,
-                               state, dist, stage.extra_modules)
+                               state, dist, stage.extra_modules if stage.optimise_extra else {})
             state.global_step += 1
             state.step_in_epoch += 1
             _injected_fault(state.global_step, dist.rank)
@@ -660,7 +664,8 @@ def _save_resume_state(run: RunDir, stage: Stage, state: TrainState, optimizer, 
     content = {"model": unwrap(stage.model).state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                "rng": _rng_state(), "train_state": dataclasses.asdict(state),
-               "extra": {name: m.state_dict() for name, m in stage.extra_modules.items()}}
+               "extra": {name: m.state_dict() for name, m in stage.extra_modules.items()},
+               "extra_state": {name: o.state_dict() for name, o in stage.extra_state.items()}}
     atomic_torch_save(content, run.file(RunDir.LAST))
 
 
@@ -672,6 +677,8 @@ def _restore(run: RunDir, stage: Stage, optimizer, scheduler, scaler) -> TrainSt
     scaler.load_state_dict(content["scaler"])
     for name, module in stage.extra_modules.items():
         module.load_state_dict(content["extra"][name])
+    for name, stateful in stage.extra_state.items():
+        stateful.load_state_dict(content["extra_state"][name])
     _set_rng_state(content["rng"])
     state = TrainState(**content["train_state"])
     logger.info("resumed from %s at step %d", run.file(RunDir.LAST), state.global_step)

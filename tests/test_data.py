@@ -181,3 +181,23 @@ def test_generator_is_deterministic(tmp_path):
             for name in files:
                 other = os.path.join(b[key], os.path.relpath(os.path.join(root, name), a[key]))
                 assert open(os.path.join(root, name), "rb").read() == open(other, "rb").read()
+
+
+def test_noisy_domain_flips_only_its_labels(tmp_path):
+    clean = dp.generate_sample(str(tmp_path / "clean"), "tiny", seed=3)
+    noisy = dp.generate_sample(str(tmp_path / "noisy"), "tiny", seed=3, noisy_domain="kitchen",
+                               flip_prob=0.5)
+    for domain in ("books", "dvd"):
+        for name in ("positive.review", "negative.review"):
+            assert (open(os.path.join(clean["amazon"], domain, name)).read()
+                    == open(os.path.join(noisy["amazon"], domain, name)).read())
+    texts = {}
+    for root in (clean, noisy):
+        for label in ("positive", "negative"):
+            path = os.path.join(root["amazon"], "kitchen", f"{label}.review")
+            for text in dp.AmazonProcessor.read_review_file(path):
+                texts.setdefault(text, []).append(label)
+    flipped = sum(1 for labels in texts.values() if len(set(labels)) == 2)
+    assert 0.3 * len(texts) < flipped < 0.7 * len(texts)
+    with pytest.raises(ValueError, match="unknown noisy domain"):
+        dp.generate_sample(str(tmp_path / "x"), "tiny", noisy_domain="music", flip_prob=0.1)

@@ -171,6 +171,7 @@ def run_graph_training(train_graph: bool, steps: int = 3):
     teachers = [utils.freeze(BertClassifier(teacher_config, 2, num_domains=3)) for _ in domains]
     student = BertClassifier(student_config, 2, num_domains=3, fit_size=16)
     args = argparse.Namespace(graph_heads=2, graph_dropout=0.1, hierarchical=True,
+                              domain_weighting="graph",
                               train_graph=train_graph, hidden_ratio=1.0, pred_ratio=1.0,
                               temperature=1.0, batch_size=2, seed=1, max_steps=steps,
                               num_train_epochs=1, learning_rate=1e-2, weight_decay=0.01,
@@ -248,3 +249,71 @@ def test_load_teachers_groups_identical_checkpoints(tmp_path):
         paths.append(str(path))
     teachers, groups = stage4.load_teachers(paths, torch.device("cpu"))
     assert len(teachers) == 2 and groups == [[0, 2], [1]]
+
+
+# ------------------------------------------------------------------------------------------
+# Domain weightings: uniform control, the oversmoothing property, the meta-learned graph
+# ------------------------------------------------------------------------------------------
+def test_uniform_weighting_is_exactly_one_over_d(graph):
+    students = [fake_outputs(d) for d in range(DOMAINS)]
+    weights, hierarchy = stage4.domain_weights("uniform", graph, students)
+    assert torch.equal(weights, torch.full((LEVELS, DOMAINS), 1.0 / DOMAINS))
+    assert hierarchy == [None] * LEVELS
+
+
+def test_graph_oversmooths_near_identical_prototypes():
+    """Dropout 0, prototypes that differ by 1e-3: every level's weights are 1/D."""
+    torch.manual_seed(0)
+    graph = DomainRelationalGraph(LEVELS, DOMAINS, WIDTH, heads=HEADS, dropout=0.0)
+    base = torch.randn(LEVELS, 1, WIDTH)
+    prototypes = base + 1e-3 * torch.randn(LEVELS, DOMAINS, WIDTH)
+    weights, _ = graph(prototypes)
+    assert torch.allclose(weights, torch.full_like(weights, 1.0 / DOMAINS), atol=1e-5)
+
+
+def meta_setup(meta_every):
+    before, graph, stage, args, student_before = run_graph_training(False)
+    args.domain_weighting, args.meta_lr, args.meta_every = "meta", 1e-2, meta_every
+    args.meta_virtual_lr, args.meta_objective = 1e-1, "distill"
+    graph.requires_grad_(True)
+    from modeling import BertClassifier, BertConfig
+    torch.manual_seed(5)
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    teachers = [utils.freeze(BertClassifier(config, 2, num_domains=3)) for _ in range(3)]
+    groups = [[0], [1], [2]]
+    meta = stage4.MetaGraphLearner(graph, teachers, groups, stage.train_features, stage.domains,
+                                   args, torch.device("cpu"))
+    stage.compute_loss = stage4.make_hrkd_loss(teachers, groups, graph, args, None, meta)
+    stage.extra_state = {"meta": meta}
+    stage.optimise_extra = False
+    return before, graph, stage, args, meta, teachers, groups
+
+
+@pytest.mark.parametrize("meta_every,moves", [(1, True), (1000, False)])
+def test_meta_graph_moves_only_by_its_meta_step(tmp_path, meta_every, moves):
+    """With no meta step in the run the graph stays put although the weighted loss is
+    optimised: it is not in the student's optimiser (that version of the code fails here)."""
+    before, graph, stage, args, meta, _, _ = meta_setup(meta_every)
+    run = utils.RunDir(str(tmp_path / "run"))
+    args.output_dir, args.overwrite = run.path, False
+    run.prepare_for_training(args)
+    utils.train(args, stage, run, utils.Distributed())
+    after = graph.state_dict()
+    changed = any(not torch.equal(before[k], after[k]) for k in before)
+    assert changed == moves
+    assert meta.calls == args.max_steps
+
+
+def test_meta_step_leaves_student_parameters_untouched():
+    _, graph, stage, args, meta, teachers, groups = meta_setup(1)
+    student = stage.model
+    batches = [{k: v[:2] for k, v in stage.train_features[d].items()} for d in stage.domains]
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    graph_before = {k: v.clone() for k, v in graph.state_dict().items()}
+    targets = stage4.teacher_outputs(teachers, groups, batches, 2)
+    objective = meta.step(student, batches, targets)
+    assert torch.isfinite(objective)
+    assert all(torch.equal(student_before[k], v) for k, v in student.state_dict().items())
+    assert all(p.grad is None for p in student.parameters())
+    assert any(not torch.equal(graph_before[k], v) for k, v in graph.state_dict().items())
