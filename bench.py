@@ -179,11 +179,34 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
            training_step(student, {"graph": graph},
                          straightforward_hrkd_loss(teachers, graph, loss_args), batches,
                          device, args.straightforward_amp), args.batch * domains)
+    if args.profile:
+        results["hrkd_profile"] = profile_step(
+            training_step(student, {"graph": graph},
+                          make_hrkd_loss(teachers, [[d] for d in range(domains)], graph,
+                                         loss_args, None), batches, device, args.amp), device)
     steps = results["train_step"]
     results["hrkd_speedup_vs_straightforward"] = (
         steps["stage4_hrkd"]["examples_per_s"] / steps["stage4_hrkd_straightforward"]["examples_per_s"])
     print(f"HRKD step vs straightforward: {results['hrkd_speedup_vs_straightforward']:.2f}x",
           file=sys.stderr)
+
+
+def profile_step(step, device, top: int = 12) -> dict:
+    """Kernel launches and the most expensive operators of one (warm) step."""
+    from torch.profiler import ProfilerActivity, profile
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as profiler:
+        step()
+        synchronize(device)
+    events = profiler.key_averages()
+    sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = events.table(sort_by=sort_key, row_limit=top)
+    print(table, file=sys.stderr)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                         "cudaLaunchKernelExC"))
+    return {"kernel_launches": launches, "operators": len(events), "table": table}
 
 
 def inference_benchmarks(args, device, teacher_config, student_config, generator, results):
@@ -229,6 +252,8 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one HRKD step (operators, kernel launches)")
     parser.add_argument("--cases", default="train,inference",
                         help="comma-separated: train (the stage steps), inference")
     parser.add_argument("--out", help="write the JSON here (default: stdout)")

@@ -33,4 +33,5 @@ echo "stages ok" | tee -a "${OUT}/gpu.txt"
 ${PY} bench.py --preset tiny --device cuda --amp off --steps 20 --warmup 5 --out "${OUT}/gpu_tiny_fp32.json"
 ${PY} bench.py --preset tiny --device cuda --amp bf16 --steps 20 --warmup 5 --out "${OUT}/gpu_tiny_bf16.json"
 ${PY} bench.py --preset paper --device cuda --amp off --steps 10 --warmup 3 --out "${OUT}/gpu_paper_fp32.json"
-${PY} bench.py --preset paper --device cuda --amp bf16 --steps 10 --warmup 3 --out "${OUT}/gpu_paper_bf16.json"
+${PY} bench.py --preset paper --device cuda --amp bf16 --steps 10 --warmup 3 --profile \
+  --out "${OUT}/gpu_paper_bf16.json"
