@@ -28,6 +28,8 @@ for amp in bf16 fp16; do
   ${PY} finetune_multi_domain.py ${common} --domain books --teacher_dir "${RUNS}/s3" \
     --student_config tiny_student --amp "${amp}" --output_dir "${RUNS}/s4_${amp}"
 done
+${PY} finetune_multi_domain.py ${common} --domain books --teacher_dir "${RUNS}/s3" \
+  --student_config tiny_student --amp bf16 --domain_weighting meta --output_dir "${RUNS}/s4_meta"
 echo "stages ok" | tee -a "${OUT}/gpu.txt"
 
 ${PY} bench.py --preset tiny --device cuda --amp off --steps 20 --warmup 5 --out "${OUT}/gpu_tiny_fp32.json"
