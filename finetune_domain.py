@@ -19,7 +19,6 @@ import os
 import sys
 
 import utils
-from data_processing import get_processor
 from distillation import frozen_teacher_outputs, tinybert_kd_loss
 from modeling import (BertClassifier, find_weights_file, load_weights, model_from_checkpoint,
                       resolve_config)
@@ -80,42 +79,20 @@ def make_kd_loss(teacher, args):
 
 
 def run(args):
-    utils.validate_common_args(args)
-    dist = utils.Distributed()
-    utils.setup_logging(main=dist.is_main)
-    utils.set_seed(args.seed)
-    processor = get_processor(args.task)
-    vocab_file = student_vocab(args)
-    tokenizer, features = utils.load_features(args, [args.domain], vocab_file, dist)
-    run_dir = utils.RunDir(args.output_dir, dist.is_main)
-    head_of = {args.domain: None}
+    context = utils.begin_stage(args, student_vocab, multi_domain=False)
     if args.do_train:
         teacher_file = find_weights_file(args.teacher_dir)
-        teacher = utils.freeze(model_from_checkpoint(teacher_file)).to(dist.device)
+        teacher = utils.freeze(model_from_checkpoint(teacher_file)).to(context.dist.device)
         utils.check_sequence_length(teacher.config, args.max_seq_length, "teacher")
-        student = build_student(args, len(tokenizer), len(processor.labels),
+        student = build_student(args, len(context.tokenizer), len(context.labels),
                                 teacher.config.hidden_size)
-        run_dir.prepare_for_training(args, dist)
-        utils.setup_logging(run_dir.file("train.log"), dist.is_main)
-        utils.copy_vocab(vocab_file, run_dir)
-        stage = utils.Stage(
-            model=student, domains=[args.domain], fit_domain=args.domain,
-            train_features=utils.split_of(features, "train"),
-            dev_features=utils.split_of(features, "dev"), head_of=head_of,
-            compute_loss=make_kd_loss(teacher, args),
-            checkpoint_meta={"task": args.task, "domains": [args.domain],
-                             "labels": processor.labels, "stage": "finetune_domain",
-                             "teacher": os.path.abspath(teacher_file)})
-        utils.train(args, stage, run_dir, dist)
-    if args.do_test and dist.is_main:
-        utils.run_test(args, run_dir, [args.domain], head_of, utils.split_of(features, "test"),
-                       utils.split_of(features, "dev"), dist.device, model_from_checkpoint)
-    dist.close()
+        utils.train_stage(context, student, make_kd_loss(teacher, args), "finetune_domain",
+                          {"teacher": os.path.abspath(teacher_file)})
+    utils.finish_stage(context)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return utils.main_guard(lambda: run(args))
+    return utils.stage_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from data_processing import concat_domain_batches, get_processor, take
+from data_processing import concat_domain_batches, take
 from distillation import (DomainRelationalGraph, domain_prototypes, frozen_teacher_outputs,
                           hrkd_loss)
 from finetune_domain import add_student_args, build_student, student_vocab
@@ -319,64 +319,40 @@ def validate_args(args):
 
 
 def run(args):
-    utils.validate_common_args(args)
     validate_args(args)
-    dist = utils.Distributed()
-    utils.setup_logging(main=dist.is_main)
-    utils.set_seed(args.seed)
-    processor = get_processor(args.task)
-    if args.domain not in processor.domains:
-        raise ValueError(f"unknown {args.task} domain '{args.domain}' "
-                         f"(expected one of {', '.join(processor.domains)})")
-    domains = processor.domains
-    vocab_file = student_vocab(args)
-    tokenizer, features = utils.load_features(args, domains, vocab_file, dist)
-    run_dir = utils.RunDir(args.output_dir, dist.is_main)
-    head_of = {domain: index for index, domain in enumerate(domains)}
+    context = utils.begin_stage(args, student_vocab, multi_domain=True)
+    domains, device = context.domains, context.dist.device
     if args.do_train:
         paths = teacher_checkpoints(args.teacher_dir, domains)
-        teachers, groups = load_teachers(paths, dist.device)
+        teachers, groups = load_teachers(paths, device)
         logger.info("%d distinct teacher(s) for %d domains: %s", len(teachers), len(domains),
                     "; ".join(",".join(domains[d] for d in g) for g in groups))
         teacher_config = teachers[0].config
         utils.check_sequence_length(teacher_config, args.max_seq_length, "teacher")
-        student = build_student(args, len(tokenizer), len(processor.labels),
+        student = build_student(args, len(context.tokenizer), len(context.labels),
                                 teacher_config.hidden_size, num_domains=len(domains))
-        graph, extra, recorder = None, {}, None
+        graph, extra, recorder, meta, extra_state = None, {}, None, None, {}
         if args.use_graph:
             graph = build_graph(args, student.config.num_hidden_layers + 1, len(domains),
-                                teacher_config.hidden_size).to(dist.device)
+                                teacher_config.hidden_size).to(device)
             extra["graph"] = graph
-            recorder = WeightRecorder(run_dir, domains)
-        meta, extra_state = None, {}
-        if args.use_graph and args.domain_weighting == "meta":
-            meta = MetaGraphLearner(graph, teachers, groups, utils.split_of(features, "train"),
-                                    domains, args, dist.device)
-            extra_state["meta"] = meta
-        run_dir.prepare_for_training(args, dist)
-        utils.setup_logging(run_dir.file("train.log"), dist.is_main)
-        utils.copy_vocab(vocab_file, run_dir)
-        stage = utils.Stage(
-            model=student, domains=domains, fit_domain=args.domain,
-            train_features=utils.split_of(features, "train"),
-            dev_features=utils.split_of(features, "dev"), head_of=head_of,
-            compute_loss=make_hrkd_loss(teachers, groups, graph, args, recorder, meta),
-            checkpoint_meta={"task": args.task, "domains": domains, "labels": processor.labels,
-                             "stage": "finetune_multi_domain",
-                             "teachers": [os.path.abspath(p) for p in paths]},
+            recorder = WeightRecorder(context.run_dir, domains)
+            if args.domain_weighting == "meta":
+                meta = MetaGraphLearner(graph, teachers, groups,
+                                        utils.split_of(context.features, "train"), domains,
+                                        args, device)
+                extra_state["meta"] = meta
+        utils.train_stage(
+            context, student, make_hrkd_loss(teachers, groups, graph, args, recorder, meta),
+            "finetune_multi_domain", {"teachers": [os.path.abspath(p) for p in paths]},
             extra_modules=extra, extra_state=extra_state,
             optimise_extra=args.domain_weighting != "meta",
             on_evaluation=recorder.flush if recorder else None)
-        utils.train(args, stage, run_dir, dist)
-    if args.do_test and dist.is_main:
-        utils.run_test(args, run_dir, domains, head_of, utils.split_of(features, "test"),
-                       utils.split_of(features, "dev"), dist.device, model_from_checkpoint)
-    dist.close()
+    utils.finish_stage(context)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return utils.main_guard(lambda: run(args))
+    return utils.stage_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

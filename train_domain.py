@@ -19,8 +19,7 @@ import sys
 import torch.nn.functional as F
 
 import utils
-from data_processing import get_processor
-from modeling import BertClassifier, load_weights, model_from_checkpoint, resolve_config
+from modeling import BertClassifier, load_weights, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,41 +41,20 @@ def cross_entropy_loss(model, batches):
 
 
 def run(args):
-    utils.validate_common_args(args)
-    dist = utils.Distributed()
-    utils.setup_logging(main=dist.is_main)
-    utils.set_seed(args.seed)
-    processor = get_processor(args.task)
-    vocab_file = utils.default_vocab(args, args.init_checkpoint)
-    tokenizer, features = utils.load_features(args, [args.domain], vocab_file, dist)
-    run_dir = utils.RunDir(args.output_dir, dist.is_main)
-    head_of = {args.domain: None}
+    context = utils.begin_stage(args, lambda a: utils.default_vocab(a, a.init_checkpoint),
+                                multi_domain=False)
     if args.do_train:
-        config = resolve_config(args.model_config, len(tokenizer))
+        config = resolve_config(args.model_config, len(context.tokenizer))
         utils.check_sequence_length(config, args.max_seq_length, "model")
-        model = BertClassifier(config, num_labels=len(processor.labels))
+        model = BertClassifier(config, num_labels=len(context.labels))
         if args.init_checkpoint:
             load_weights(model, args.init_checkpoint)
-        run_dir.prepare_for_training(args, dist)
-        utils.setup_logging(run_dir.file("train.log"), dist.is_main)
-        utils.copy_vocab(vocab_file, run_dir)
-        stage = utils.Stage(
-            model=model, domains=[args.domain], fit_domain=args.domain,
-            train_features=utils.split_of(features, "train"),
-            dev_features=utils.split_of(features, "dev"), head_of=head_of,
-            compute_loss=cross_entropy_loss,
-            checkpoint_meta={"task": args.task, "domains": [args.domain],
-                             "labels": processor.labels, "stage": "train_domain"})
-        utils.train(args, stage, run_dir, dist)
-    if args.do_test and dist.is_main:
-        utils.run_test(args, run_dir, [args.domain], head_of, utils.split_of(features, "test"),
-                       utils.split_of(features, "dev"), dist.device, model_from_checkpoint)
-    dist.close()
+        utils.train_stage(context, model, cross_entropy_loss, "train_domain")
+    utils.finish_stage(context)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return utils.main_guard(lambda: run(args))
+    return utils.stage_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

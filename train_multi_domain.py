@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import utils
-from data_processing import concat_domain_batches, get_processor
+from data_processing import concat_domain_batches
 from distillation import DomainRelationalGraph
-from modeling import BertClassifier, load_weights, model_from_checkpoint, resolve_config
+from modeling import BertClassifier, load_weights, resolve_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,52 +66,27 @@ def make_multi_domain_ce(graph=None):
 
 
 def run(args):
-    utils.validate_common_args(args)
-    dist = utils.Distributed()
-    utils.setup_logging(main=dist.is_main)
-    utils.set_seed(args.seed)
-    processor = get_processor(args.task)
-    if args.domain not in processor.domains:
-        raise ValueError(f"unknown {args.task} domain '{args.domain}' "
-                         f"(expected one of {', '.join(processor.domains)})")
-    domains = processor.domains
-    vocab_file = utils.default_vocab(args, args.init_checkpoint)
-    tokenizer, features = utils.load_features(args, domains, vocab_file, dist)
-    run_dir = utils.RunDir(args.output_dir, dist.is_main)
-    head_of = {domain: index for index, domain in enumerate(domains)}
+    context = utils.begin_stage(args, lambda a: utils.default_vocab(a, a.init_checkpoint),
+                                multi_domain=True)
     if args.do_train:
-        config = resolve_config(args.model_config, len(tokenizer))
+        config = resolve_config(args.model_config, len(context.tokenizer))
         utils.check_sequence_length(config, args.max_seq_length, "model")
-        model = BertClassifier(config, len(processor.labels), num_domains=len(domains))
+        model = BertClassifier(config, len(context.labels), num_domains=len(context.domains))
         if args.init_checkpoint:
             load_weights(model, args.init_checkpoint)
         extra, graph = {}, None
         if args.use_graph:
-            graph = DomainRelationalGraph(1, len(domains), config.hidden_size,
-                                          hierarchical=False).to(dist.device)
+            graph = DomainRelationalGraph(1, len(context.domains), config.hidden_size,
+                                          hierarchical=False).to(context.dist.device)
             graph.requires_grad_(args.train_graph)
             extra["graph"] = graph
-        run_dir.prepare_for_training(args, dist)
-        utils.setup_logging(run_dir.file("train.log"), dist.is_main)
-        utils.copy_vocab(vocab_file, run_dir)
-        stage = utils.Stage(
-            model=model, domains=domains, fit_domain=args.domain,
-            train_features=utils.split_of(features, "train"),
-            dev_features=utils.split_of(features, "dev"), head_of=head_of,
-            compute_loss=make_multi_domain_ce(graph),
-            checkpoint_meta={"task": args.task, "domains": domains, "labels": processor.labels,
-                             "stage": "train_multi_domain"},
-            extra_modules=extra)
-        utils.train(args, stage, run_dir, dist)
-    if args.do_test and dist.is_main:
-        utils.run_test(args, run_dir, domains, head_of, utils.split_of(features, "test"),
-                       utils.split_of(features, "dev"), dist.device, model_from_checkpoint)
-    dist.close()
+        utils.train_stage(context, model, make_multi_domain_ce(graph), "train_multi_domain",
+                          extra_modules=extra)
+    utils.finish_stage(context)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return utils.main_guard(lambda: run(args))
+    return utils.stage_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

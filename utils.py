@@ -756,3 +756,77 @@ def freeze(model: nn.Module) -> nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The skeleton every stage script shares: set up, (build models), train, test
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StageContext:
+    """What a stage script has once its flags are checked and its data loaded."""
+
+    args: argparse.Namespace
+    dist: Distributed
+    labels: List[str]
+    domains: List[str]
+    head_of: Dict[str, Optional[int]]
+    tokenizer: object
+    features: Dict[str, Dict[str, Dict[str, torch.Tensor]]]
+    vocab_file: str
+    run_dir: RunDir
+
+
+def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
+                multi_domain: bool) -> StageContext:
+    """Check flags, start the process group, seed, load every split of the stage's domains.
+
+    Single-domain stages train --domain with one head; multi-domain stages train every domain
+    of the task, one head each, with --domain as the fit domain. Nothing is written yet."""
+    from data_processing import get_processor
+    validate_common_args(args)
+    processor = get_processor(args.task)
+    if args.domain not in processor.domains:
+        raise ValueError(f"unknown {args.task} domain '{args.domain}' "
+                         f"(expected one of {', '.join(processor.domains)})")
+    dist = Distributed()
+    setup_logging(main=dist.is_main)
+    set_seed(args.seed)
+    domains = list(processor.domains) if multi_domain else [args.domain]
+    head_of = ({d: i for i, d in enumerate(domains)} if multi_domain else {args.domain: None})
+    vocab_file = vocab_file_of(args)
+    tokenizer, features = load_features(args, domains, vocab_file, dist)
+    return StageContext(args, dist, list(processor.labels), domains, head_of, tokenizer,
+                        features, vocab_file, RunDir(args.output_dir, dist.is_main))
+
+
+def train_stage(context: StageContext, model: nn.Module, compute_loss, stage_name: str,
+                checkpoint_meta: Optional[dict] = None, **stage_options) -> TrainState:
+    """Open the run directory (models are built by now, so bad checkpoints never leave one
+    behind) and run the loop."""
+    args, run = context.args, context.run_dir
+    run.prepare_for_training(args, context.dist)
+    setup_logging(run.file("train.log"), context.dist.is_main)
+    copy_vocab(context.vocab_file, run)
+    meta = {"task": args.task, "domains": context.domains, "labels": context.labels,
+            "stage": stage_name, **(checkpoint_meta or {})}
+    stage = Stage(model=model, domains=context.domains, fit_domain=args.domain,
+                  train_features=split_of(context.features, "train"),
+                  dev_features=split_of(context.features, "dev"), head_of=context.head_of,
+                  compute_loss=compute_loss, checkpoint_meta=meta, **stage_options)
+    return train(args, stage, run, context.dist)
+
+
+def finish_stage(context: StageContext):
+    """--do_test on rank 0 with each domain's best checkpoint, then leave the process group."""
+    from modeling import model_from_checkpoint
+    if context.args.do_test and context.dist.is_main:
+        run_test(context.args, context.run_dir, context.domains, context.head_of,
+                 split_of(context.features, "test"), split_of(context.features, "dev"),
+                 context.dist.device, model_from_checkpoint)
+    context.dist.close()
+
+
+def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
+               run: Callable[[argparse.Namespace], None], argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return main_guard(lambda: run(args))
