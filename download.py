@@ -179,6 +179,15 @@ def _find(root: str, name: str) -> List[str]:
     return sorted(os.path.join(r, name) for r, _, files in os.walk(root) if name in files)
 
 
+def _unpacked(source: str, scratch: str) -> str:
+    """A folder as it is, or an archive unpacked into ``scratch``."""
+    if os.path.isdir(source):
+        return source
+    folder = os.path.join(scratch, "unpacked")
+    _safe_extract(source, folder)
+    return folder
+
+
 def _install(staging: str, target: str):
     """Replace ``target`` with ``staging`` in one rename (nothing half-written is left)."""
     if os.path.exists(target):
@@ -189,9 +198,7 @@ def _install(staging: str, target: str):
 def layout_mnli(source: str, dataset_dir: str) -> str:
     target = os.path.join(dataset_dir, "MNLI")
     with tempfile.TemporaryDirectory(dir=dataset_dir) as scratch:
-        unpacked = source if os.path.isdir(source) else os.path.join(scratch, "unpacked")
-        if not os.path.isdir(source):
-            _safe_extract(source, unpacked)
+        unpacked = _unpacked(source, scratch)
         train = _find(unpacked, "train.tsv")
         if not train or not _find(os.path.dirname(train[0]), "dev_matched.tsv"):
             raise DownloadError(f"{source}: no MNLI train.tsv with dev_matched.tsv beside it")
@@ -204,9 +211,7 @@ def layout_mnli(source: str, dataset_dir: str) -> str:
 def layout_amazon(source: str, dataset_dir: str) -> str:
     target = os.path.join(dataset_dir, "amazon")
     with tempfile.TemporaryDirectory(dir=dataset_dir) as scratch:
-        unpacked = source if os.path.isdir(source) else os.path.join(scratch, "unpacked")
-        if not os.path.isdir(source):
-            _safe_extract(source, unpacked)
+        unpacked = _unpacked(source, scratch)
         staging = os.path.join(scratch, "amazon")
         found = set()
         for positive in _find(unpacked, "positive.review"):
@@ -242,9 +247,7 @@ def layout_model(sources: List[str], name: str, checkpoint_dir: str) -> str:
                     plain = plain[len(name) + 1:]
                 shutil.copyfile(source, os.path.join(staging, plain))
                 continue
-            unpacked = source if os.path.isdir(source) else os.path.join(scratch, "unpacked")
-            if not os.path.isdir(source):
-                _safe_extract(source, unpacked)
+            unpacked = _unpacked(source, scratch)
             config = _find(unpacked, "config.json")
             if not config:
                 raise DownloadError(f"{source}: no config.json")

@@ -22,14 +22,29 @@ import utils
 from modeling import BertClassifier, load_weights, resolve_config
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    utils.add_common_args(parser, lr=2e-5, epochs=3, batch_size=32)
+def add_teacher_args(parser: argparse.ArgumentParser):
+    """Teacher model flags shared by stages 1 and 3."""
     model = parser.add_argument_group("model")
     model.add_argument("--model_config", default="bert_base",
                        help="a preset name or a config.json (file or folder)")
     model.add_argument("--init_checkpoint", default=None,
                        help="pretrained weights (folder or file); none: random initialisation")
+    return model
+
+
+def build_teacher(args, vocab_size: int, num_labels: int, num_domains=None) -> BertClassifier:
+    config = resolve_config(args.model_config, vocab_size)
+    utils.check_sequence_length(config, args.max_seq_length, "model")
+    model = BertClassifier(config, num_labels, num_domains=num_domains)
+    if args.init_checkpoint:
+        load_weights(model, args.init_checkpoint)
+    return model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    utils.add_common_args(parser, lr=2e-5, epochs=3, batch_size=32)
+    add_teacher_args(parser)
     return parser
 
 
@@ -44,11 +59,7 @@ def run(args):
     context = utils.begin_stage(args, lambda a: utils.default_vocab(a, a.init_checkpoint),
                                 multi_domain=False)
     if args.do_train:
-        config = resolve_config(args.model_config, len(context.tokenizer))
-        utils.check_sequence_length(config, args.max_seq_length, "model")
-        model = BertClassifier(config, num_labels=len(context.labels))
-        if args.init_checkpoint:
-            load_weights(model, args.init_checkpoint)
+        model = build_teacher(args, len(context.tokenizer), len(context.labels))
         utils.train_stage(context, model, cross_entropy_loss, "train_domain")
     utils.finish_stage(context)
 

@@ -24,17 +24,13 @@ import torch.nn.functional as F
 import utils
 from data_processing import concat_domain_batches
 from distillation import DomainRelationalGraph
-from modeling import BertClassifier, load_weights, resolve_config
+from train_domain import add_teacher_args, build_teacher
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     utils.add_common_args(parser, lr=5e-5, epochs=3, batch_size=32)
-    model = parser.add_argument_group("model")
-    model.add_argument("--model_config", default="bert_base",
-                       help="a preset name or a config.json (file or folder)")
-    model.add_argument("--init_checkpoint", default=None,
-                       help="pretrained weights (folder or file); none: random initialisation")
+    model = add_teacher_args(parser)
     model.add_argument("--use_graph", action="store_true",
                        help="weight each domain's cross-entropy by a domain-relational graph "
                             "over the per-domain mean of all hidden states")
@@ -69,14 +65,11 @@ def run(args):
     context = utils.begin_stage(args, lambda a: utils.default_vocab(a, a.init_checkpoint),
                                 multi_domain=True)
     if args.do_train:
-        config = resolve_config(args.model_config, len(context.tokenizer))
-        utils.check_sequence_length(config, args.max_seq_length, "model")
-        model = BertClassifier(config, len(context.labels), num_domains=len(context.domains))
-        if args.init_checkpoint:
-            load_weights(model, args.init_checkpoint)
+        model = build_teacher(args, len(context.tokenizer), len(context.labels),
+                              num_domains=len(context.domains))
         extra, graph = {}, None
         if args.use_graph:
-            graph = DomainRelationalGraph(1, len(context.domains), config.hidden_size,
+            graph = DomainRelationalGraph(1, len(context.domains), model.config.hidden_size,
                                           hierarchical=False).to(context.dist.device)
             graph.requires_grad_(args.train_graph)
             extra["graph"] = graph
