@@ -154,7 +154,7 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
                                               device, args.amp), args.batch)
     del teacher
     # Stage 2: TinyBERT-KD on one domain.
-    frozen = utils.freeze(BertClassifier(teacher_config, 3).to(device))
+    frozen = utils.freeze(BertClassifier(teacher_config, 3).to(device), args.amp)
     student = BertClassifier(student_config, 3, fit_size=width).to(device)
     record("stage2_tinybert_kd", training_step(student, {}, make_kd_loss(frozen, loss_args),
                                                batches[:1], device, args.amp), args.batch)
@@ -166,8 +166,8 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
            args.batch * domains)
     del multi_teacher
     # Stage 4: HRKD, optimised and straightforward, same models and inputs.
-    teachers = [utils.freeze(BertClassifier(teacher_config, 3, num_domains=domains).to(device))
-                for _ in range(domains)]
+    teachers = [utils.freeze(BertClassifier(teacher_config, 3, num_domains=domains).to(device),
+                             args.amp) for _ in range(domains)]
     student = BertClassifier(student_config, 3, num_domains=domains, fit_size=width).to(device)
     graph = DomainRelationalGraph(student_config.num_hidden_layers + 1, domains, width).to(device)
     graph.requires_grad_(False)
@@ -175,15 +175,19 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
                                         make_hrkd_loss(teachers, [[d] for d in range(domains)],
                                                        graph, loss_args, None),
                                         batches, device, args.amp), args.batch * domains)
-    record("stage4_hrkd_straightforward",
-           training_step(student, {"graph": graph},
-                         straightforward_hrkd_loss(teachers, graph, loss_args), batches,
-                         device, args.straightforward_amp), args.batch * domains)
     if args.profile:
         results["hrkd_profile"] = profile_step(
             training_step(student, {"graph": graph},
                           make_hrkd_loss(teachers, [[d] for d in range(domains)], graph,
                                          loss_args, None), batches, device, args.amp), device)
+    if args.straightforward_amp != args.amp:  # plain teachers, as the straightforward code has
+        del teachers
+        teachers = [utils.freeze(BertClassifier(teacher_config, 3, num_domains=domains)
+                                 .to(device)) for _ in range(domains)]
+    record("stage4_hrkd_straightforward",
+           training_step(student, {"graph": graph},
+                         straightforward_hrkd_loss(teachers, graph, loss_args), batches,
+                         device, args.straightforward_amp), args.batch * domains)
     steps = results["train_step"]
     results["hrkd_speedup_vs_straightforward"] = (
         steps["stage4_hrkd"]["examples_per_s"] / steps["stage4_hrkd_straightforward"]["examples_per_s"])

@@ -49,7 +49,9 @@ def student_vocab(args) -> str:
     """--vocab_file, else the student's initial checkpoint's, else the teacher run's."""
     if args.vocab_file or args.student_init:
         return utils.default_vocab(args, args.student_init)
-    teacher = args.teacher_dir if os.path.isdir(args.teacher_dir) else os.path.dirname(args.teacher_dir)
+    teacher = args.teacher_dir
+    if not os.path.isdir(teacher):
+        teacher = os.path.dirname(teacher)
     return os.path.join(teacher, "vocab.txt")
 
 
@@ -82,7 +84,8 @@ def run(args):
     context = utils.begin_stage(args, student_vocab, multi_domain=False)
     if args.do_train:
         teacher_file = find_weights_file(args.teacher_dir)
-        teacher = utils.freeze(model_from_checkpoint(teacher_file)).to(context.dist.device)
+        teacher = utils.freeze(model_from_checkpoint(teacher_file), args.amp)
+        teacher = teacher.to(context.dist.device)
         utils.check_sequence_length(teacher.config, args.max_seq_length, "teacher")
         student = build_student(args, len(context.tokenizer), len(context.labels),
                                 teacher.config.hidden_size)

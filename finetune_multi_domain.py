@@ -124,7 +124,7 @@ class WeightRecorder:
         return {"domain_weights": weights}
 
 
-def load_teachers(paths: List[str], device) -> Tuple[list, List[List[int]]]:
+def load_teachers(paths: List[str], device, amp: str = "off") -> Tuple[list, List[List[int]]]:
     """Frozen teachers, one per distinct checkpoint, and the domains each one serves.
 
     Stage 3 often has the same evaluation step best for several domains; those domains then
@@ -136,7 +136,7 @@ def load_teachers(paths: List[str], device) -> Tuple[list, List[List[int]]]:
         key = utils.weights_digest(model)
         if key not in index_of:
             index_of[key] = len(teachers)
-            teachers.append(utils.freeze(model).to(device))
+            teachers.append(utils.freeze(model, amp).to(device))
             groups.append([])
         groups[index_of[key]].append(domain)
     return teachers, groups
@@ -324,7 +324,7 @@ def run(args):
     domains, device = context.domains, context.dist.device
     if args.do_train:
         paths = teacher_checkpoints(args.teacher_dir, domains)
-        teachers, groups = load_teachers(paths, device)
+        teachers, groups = load_teachers(paths, device, args.amp)
         logger.info("%d distinct teacher(s) for %d domains: %s", len(teachers), len(domains),
                     "; ".join(",".join(domains[d] for d in g) for g in groups))
         teacher_config = teachers[0].config

@@ -750,11 +750,21 @@ def copy_vocab(vocab_file: str, run: RunDir):
         shutil.copyfile(vocab_file, run.file("vocab.txt"))
 
 
-def freeze(model: nn.Module) -> nn.Module:
-    """A teacher: eval mode (no dropout), no gradients."""
+def freeze(model: nn.Module, amp: str = "off") -> nn.Module:
+    """A teacher: eval mode (no dropout), no gradients.
+
+    Under ``--amp bf16|fp16`` its linear layers are stored in that precision once: autocast
+    casts them to it on every call anyway (it caches casts only of weights that need gradients),
+    so the results are bit for bit the same and each step saves a cast of every teacher weight.
+    Everything else (embeddings, LayerNorms) stays fp32, as autocast would use it."""
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if amp in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.to(dtype)
     return model
 
 

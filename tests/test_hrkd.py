@@ -317,3 +317,24 @@ def test_meta_step_leaves_student_parameters_untouched():
     assert all(torch.equal(student_before[k], v) for k, v in student.state_dict().items())
     assert all(p.grad is None for p in student.parameters())
     assert any(not torch.equal(graph_before[k], v) for k, v in graph.state_dict().items())
+
+
+def test_frozen_teacher_in_bf16_is_bit_identical_under_autocast():
+    import copy
+    from modeling import BertClassifier, BertConfig
+    from distillation import frozen_teacher_outputs
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+    plain = utils.freeze(BertClassifier(config, 2))
+    cast = utils.freeze(copy.deepcopy(plain), "bf16")
+    assert cast.encoder[0].ffn.dense1.weight.dtype == torch.bfloat16
+    assert cast.embeddings.layernorm.weight.dtype == torch.float32
+    ids = torch.randint(1, 30, (3, 8))
+    inputs = (ids, torch.zeros_like(ids), torch.ones_like(ids))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = frozen_teacher_outputs(plain, *inputs, None, 2)
+        b = frozen_teacher_outputs(cast, *inputs, None, 2)
+    assert torch.equal(a.logits, b.logits)
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        assert (x is None and y is None) or torch.equal(x, y)
