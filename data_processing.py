@@ -161,7 +161,8 @@ class MnliProcessor:
     fit_domain = "telephone"
     GENRE, SENTENCE1, SENTENCE2 = 3, 8, 9
 
-    def files(self, data_dir: str) -> List[str]:
+    def files(self, data_dir: str, domain: Optional[str] = None) -> List[str]:
+        """The files a genre is read from (every genre shares the two)."""
         return [os.path.join(data_dir, "train.tsv"), os.path.join(data_dir, "dev_matched.tsv")]
 
     def _read_tsv(self, path: str) -> Dict[str, List[Example]]:
@@ -323,8 +324,7 @@ def _file_signature(path: str) -> list:
 def feature_cache_key(task: str, data_dir: str, domain: str, tokenizer: WordPieceTokenizer,
                       max_seq_length: int, train_ratio: float, dev_ratio: float,
                       data_seed: int) -> str:
-    processor = get_processor(task)
-    files = (processor.files(data_dir) if task == "mnli" else processor.files(data_dir, domain))
+    files = get_processor(task).files(data_dir, domain)
     with open(tokenizer.vocab_file, "rb") as handle:
         vocab_hash = hashlib.sha1(handle.read()).hexdigest()
     described = {"version": FEATURE_VERSION, "task": task, "domain": domain,
@@ -381,12 +381,16 @@ def take(features: Dict[str, torch.Tensor], indices) -> Dict[str, torch.Tensor]:
     return {name: tensor.index_select(0, index).long() for name, tensor in features.items()}
 
 
-def concat_domain_batches(batches: Sequence[Dict[str, torch.Tensor]]):
-    """One batch over all domains, the domain id of each row, and each domain's row count."""
+def concat_domain_batches(batches: Sequence[Dict[str, torch.Tensor]],
+                          domains: Optional[Sequence[int]] = None):
+    """One batch over several domains, the domain id of each row (``domains[i]`` for the rows
+    of ``batches[i]``; default 0, 1, ...), and each batch's row count."""
     merged = {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
     sizes = [b["labels"].shape[0] for b in batches]
-    domain_ids = torch.cat([torch.full((n,), d, dtype=torch.long, device=batches[0]["labels"].device)
-                            for d, n in enumerate(sizes)])
+    domains = range(len(batches)) if domains is None else domains
+    device = batches[0]["labels"].device
+    domain_ids = torch.cat([torch.full((n,), d, dtype=torch.long, device=device)
+                            for d, n in zip(domains, sizes)])
     return merged, domain_ids, sizes
 
 

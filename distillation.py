@@ -64,8 +64,10 @@ def frozen_teacher_outputs(teacher, input_ids, segment_ids, attention_mask, doma
     """What distillation reads from a frozen teacher, computed under inference mode.
 
     Only the mapped blocks build attention scores (the others run the fused kernel), and only
-    the tensors the losses read are kept, cloned out of inference mode so autograd may save
-    them as targets. The values are those of a plain forward pass.
+    the tensors the losses read are kept. Hidden states and logits are cloned out of inference
+    mode so autograd may save them as targets; the scores are not (attention_mse rebuilds them
+    with torch.where before any saved use), which spares a (B, heads, T, T) copy per layer.
+    The values are those of a plain forward pass.
     """
     mapped = teacher_layer_for(student_layers, teacher.config.num_hidden_layers)
     with torch.inference_mode():
@@ -73,8 +75,7 @@ def frozen_teacher_outputs(teacher, input_ids, segment_ids, attention_mask, doma
                       score_layers=[j - 1 for j in mapped])
     kept = {0, *mapped}
     hidden = [h.clone() if i in kept else None for i, h in enumerate(out.hidden_states)]
-    scores = [None if s is None else s.clone() for s in out.attention_scores]
-    return type(out)(out.logits.clone(), hidden, scores)
+    return type(out)(out.logits.clone(), hidden, list(out.attention_scores))
 
 
 def layer_losses(student_out, teacher_out) -> List[torch.Tensor]:

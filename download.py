@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -33,7 +32,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import utils
 
@@ -266,10 +265,7 @@ def layout_model(sources: List[str], name: str, checkpoint_dir: str) -> str:
 def model_name_from_config(path: str) -> str:
     """bert-base-uncased or tinybert-4l-312, from a checkpoint's config.json."""
     with tempfile.TemporaryDirectory() as scratch:
-        folder = path if os.path.isdir(path) else os.path.join(scratch, "x")
-        if not os.path.isdir(path):
-            _safe_extract(path, folder)
-        config = utils.read_json(_find(folder, "config.json")[0])
+        config = utils.read_json(_find(_unpacked(path, scratch), "config.json")[0])
     sizes = (config.get("hidden_size"), config.get("num_hidden_layers"))
     if sizes == (768, 12):
         return "bert-base-uncased"

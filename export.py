@@ -16,7 +16,6 @@ gives this project's logits, and predict.py reads it too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -74,6 +73,7 @@ def hf_config(model: BertClassifier, labels: List[str], lowercase: bool) -> dict
 
 def write_tokenizer_files(out_dir: str, vocab_file: str, lowercase: bool,
                           max_length: int):
+    """vocab.txt and tokenizer configs; ``model_max_length`` is the run's --max_seq_length."""
     shutil.copyfile(vocab_file, os.path.join(out_dir, "vocab.txt"))
     special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
                "cls_token": "[CLS]", "mask_token": "[MASK]"}
@@ -85,7 +85,7 @@ def write_tokenizer_files(out_dir: str, vocab_file: str, lowercase: bool,
 
 
 def export_one(checkpoint: str, domain: Optional[str], out_dir: str, vocab_file: str,
-               lowercase: bool) -> str:
+               lowercase: bool, max_length: int) -> str:
     from safetensors.torch import save_file
     content = read_checkpoint(checkpoint)
     model = model_from_checkpoint(checkpoint).eval()
@@ -106,7 +106,8 @@ def export_one(checkpoint: str, domain: Optional[str], out_dir: str, vocab_file:
     config["hrkd_source"] = {"checkpoint": os.path.abspath(checkpoint), "domain": domain,
                              "task": content.get("task")}
     utils.atomic_write_json(os.path.join(out_dir, "config.json"), config)
-    write_tokenizer_files(out_dir, vocab_file, lowercase, model.config.max_position_embeddings)
+    write_tokenizer_files(out_dir, vocab_file, lowercase,
+                          min(max_length, model.config.max_position_embeddings))
     return out_dir
 
 
@@ -125,14 +126,16 @@ def export(source: str, out: str, domain: Optional[str] = None, all_domains: boo
     if not os.path.isfile(vocab_file):
         raise FileNotFoundError(f"{vocab_file}: vocabulary file not found (pass --vocab_file)")
     lowercase = settings.get("lowercase", True)
+    max_length = settings.get("max_seq_length", 128)
     if all_domains:
         content = read_checkpoint(checkpoint_for(source, None))
         domains = content.get("domains") or []
         if len(domains) < 2:
             raise CheckpointError(f"{source}: --all_domains needs a multi-domain run")
         return [export_one(checkpoint_for(source, d), d, os.path.join(out, d), vocab_file,
-                           lowercase) for d in domains]
-    return [export_one(checkpoint_for(source, domain), domain, out, vocab_file, lowercase)]
+                           lowercase, max_length) for d in domains]
+    return [export_one(checkpoint_for(source, domain), domain, out, vocab_file, lowercase,
+                       max_length)]
 
 
 def main(argv=None) -> int:

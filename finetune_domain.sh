@@ -29,17 +29,11 @@ run_stage() {
   for TASK in ${TASKS}; do
     for DOMAIN in $(domains_of "${TASK}"); do
       for SEED in ${SEEDS}; do
-        # shellcheck disable=SC2046,SC2086
+        # shellcheck disable=SC2046
         $(launcher) finetune_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
           --domain "${DOMAIN}" --teacher_dir "${root}/train_domain/${TASK}/${DOMAIN}/seed${SEED}" \
-          --student_config "${STUDENT_CONFIG}" $(opt --student_init "${STUDENT_INIT}") \
-          $(opt --vocab_file "${VOCAB_FILE}") --max_seq_length "${MAX_SEQ_LENGTH}" \
-          --batch_size "${BATCH}" --learning_rate "${LR}" --num_train_epochs "${EPOCHS}" \
-          --hidden_ratio "${HIDDEN_RATIO}" --pred_ratio "${PRED_RATIO}" \
-          --temperature "${TEMPERATURE}" --train_ratio "${ratio}" --val_freq "${VAL_FREQ}" \
-          --seed "${SEED}" --amp "${AMP}" \
-          --output_dir "${root}/finetune_domain/${TASK}/${DOMAIN}/seed${SEED}" \
-          --do_train --do_test ${EXTRA_ARGS}
+          $(student_args) $(common_args "${ratio}" "${SEED}") \
+          --output_dir "${root}/finetune_domain/${TASK}/${DOMAIN}/seed${SEED}"
       done
     done
   done

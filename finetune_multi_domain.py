@@ -146,8 +146,7 @@ def teacher_outputs(teachers, groups, batches, student_layers: int):
     """Each domain's teacher output; one forward per distinct teacher, with per-row heads."""
     outputs = [None] * len(batches)
     for teacher, domains in zip(teachers, groups):
-        merged, local_ids, sizes = concat_domain_batches([batches[d] for d in domains])
-        heads = torch.tensor(domains, device=local_ids.device)[local_ids]
+        merged, heads, sizes = concat_domain_batches([batches[d] for d in domains], domains)
         out = frozen_teacher_outputs(teacher, merged["input_ids"], merged["segment_ids"],
                                      merged["attention_mask"], heads, student_layers)
         for domain, part in zip(domains, split_output(out, sizes)):

@@ -52,15 +52,9 @@ run_stage() {
         $(launcher) finetune_multi_domain.py --task "${TASK}" \
           --data_dir "$(data_dir_of "${TASK}")" --domain "$(fit_domain_of "${TASK}")" \
           --teacher_dir "${root}/train_multi_domain/${TASK}/seed${SEED}" \
-          --student_config "${STUDENT_CONFIG}" $(opt --student_init "${STUDENT_INIT}") \
-          $(opt --vocab_file "${VOCAB_FILE}") --max_seq_length "${MAX_SEQ_LENGTH}" \
-          --batch_size "${BATCH}" --learning_rate "${LR}" --num_train_epochs "${EPOCHS}" \
-          --hidden_ratio "${HIDDEN_RATIO}" --pred_ratio "${PRED_RATIO}" \
-          --temperature "${TEMPERATURE}" --graph_dropout "${GRAPH_DROPOUT}" \
-          $(variant_args "${VARIANT}") ${META_ARGS} --train_ratio "${ratio}" --val_freq "${VAL_FREQ}" \
-          --seed "${SEED}" --amp "${AMP}" \
-          --output_dir "${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}" \
-          --do_train --do_test ${EXTRA_ARGS}
+          $(student_args) --graph_dropout "${GRAPH_DROPOUT}" $(variant_args "${VARIANT}") \
+          ${META_ARGS} $(common_args "${ratio}" "${SEED}") \
+          --output_dir "${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}"
       done
     done
   done

@@ -49,6 +49,25 @@ opt() {
   if [ -n "$2" ]; then echo "$1 $2"; fi
 }
 
+# Flags every stage takes from the shared settings and from its own block (BATCH, LR, EPOCHS):
+# common_args TRAIN_RATIO SEED
+common_args() {
+  echo "--max_seq_length ${MAX_SEQ_LENGTH} --batch_size ${BATCH} --learning_rate ${LR}" \
+       "--num_train_epochs ${EPOCHS} --train_ratio $1 --val_freq ${VAL_FREQ} --seed $2" \
+       "--amp ${AMP} $(opt --vocab_file "${VOCAB_FILE}") --do_train --do_test ${EXTRA_ARGS}"
+}
+
+# Teacher flags of stages 1 and 3 (TEACHER_CONFIG, TEACHER_INIT from the launcher's block).
+teacher_args() {
+  echo "--model_config ${TEACHER_CONFIG} $(opt --init_checkpoint "${TEACHER_INIT}")"
+}
+
+# Student and distillation flags of stages 2 and 4 (from the launcher's block).
+student_args() {
+  echo "--student_config ${STUDENT_CONFIG} $(opt --student_init "${STUDENT_INIT}")" \
+       "--hidden_ratio ${HIDDEN_RATIO} --pred_ratio ${PRED_RATIO} --temperature ${TEMPERATURE}"
+}
+
 # Defaults every launcher shares; each can be overridden from the environment.
 NUM_GPU=${NUM_GPU:-1}
 SEEDS=${SEEDS:-42}

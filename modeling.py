@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import re
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,12 @@ class BertConfig:
         """Build from a dict, ignoring keys that are not model sizes (architectures, ...)."""
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in values.items() if k in names})
-        if "layer_norm_eps" not in values and "hidden_size" in values:
-            # A config.json without the field follows HF's default, not the released code's.
-            config.layer_norm_eps = 1e-12
+        if "hidden_size" in values:
+            # A config.json without these fields follows HF's defaults, not the presets'.
+            if "layer_norm_eps" not in values:
+                config.layer_norm_eps = 1e-12
+            if "hidden_act" not in values:
+                config.hidden_act = "gelu"
         return config
 
     @classmethod

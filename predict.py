@@ -53,7 +53,8 @@ class Predictor:
         self.head = None
         self.tokenizer = WordPieceTokenizer(os.path.join(folder, "vocab.txt"),
                                             lowercase=config.get("do_lower_case", True))
-        self.max_seq_length = 128
+        tokenizer_config = utils.read_json(os.path.join(folder, "tokenizer_config.json"), {})
+        self.max_seq_length = tokenizer_config.get("model_max_length", 128)
 
     def _load_run(self, source: str, domain: Optional[str]):
         checkpoint = checkpoint_for(source, domain)

@@ -8,8 +8,10 @@ Reads the run directories the ``.sh`` launchers write under --runs (default ``ru
     finetune_multi_domain/<task>/<variant>/seed<S>/results.json multi-domain students
     fewshot/p<percent>/...                                      the same layout per ratio
 
-Writes into --out (default <runs>/report): results_<task>.md/.csv, fewshot_<task>.md/.csv and
-domain_weights_<task>_<variant>.png for runs that logged domain weights. Prints the tables.
+Writes into --out (default <runs>/report): results_<task>.md/.csv, fewshot_<task>.md/.csv,
+domain_weights_<task>.md/.csv (each domain's mean weight and spread) and
+domain_weights_<task>_<variant>_seed<S>.png (w[l, d] over training, a panel per level) for runs
+that logged domain weights, and with --study_domain D study_<task>.md/.csv. Prints the tables.
 
     python report.py --runs runs
 Cells are test accuracy (%) of each domain with that domain's best checkpoint; with several
@@ -191,7 +193,7 @@ def study_table(root: str, task: str, unreliable: str):
     domains = PROCESSORS[task].domains
     index = domains.index(unreliable)
     others = [d for d in domains if d != unreliable]
-    header = (["Run", f"w[{unreliable}] mean", f"w[{unreliable}] last", f"1/D"]
+    header = (["Run", f"w[{unreliable}] mean", f"w[{unreliable}] last", "1/D"]
               + [f"test {d}" for d in others] + ["test mean (others)", f"test {unreliable}"])
     rows = []
     for label, template, per_domain in METHODS:

@@ -26,15 +26,10 @@ run_stage() {
   for TASK in ${TASKS}; do
     for DOMAIN in $(domains_of "${TASK}"); do
       for SEED in ${SEEDS}; do
-        # shellcheck disable=SC2046,SC2086
+        # shellcheck disable=SC2046
         $(launcher) train_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
-          --domain "${DOMAIN}" --model_config "${TEACHER_CONFIG}" \
-          $(opt --init_checkpoint "${TEACHER_INIT}") $(opt --vocab_file "${VOCAB_FILE}") \
-          --max_seq_length "${MAX_SEQ_LENGTH}" --batch_size "${BATCH}" --learning_rate "${LR}" \
-          --num_train_epochs "${EPOCHS}" --train_ratio "${ratio}" --val_freq "${VAL_FREQ}" \
-          --seed "${SEED}" --amp "${AMP}" \
-          --output_dir "${root}/train_domain/${TASK}/${DOMAIN}/seed${SEED}" \
-          --do_train --do_test ${EXTRA_ARGS}
+          --domain "${DOMAIN}" $(teacher_args) $(common_args "${ratio}" "${SEED}") \
+          --output_dir "${root}/train_domain/${TASK}/${DOMAIN}/seed${SEED}"
       done
     done
   done

@@ -27,13 +27,9 @@ run_stage() {
     for SEED in ${SEEDS}; do
       # shellcheck disable=SC2046,SC2086
       $(launcher) train_multi_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
-        --domain "$(fit_domain_of "${TASK}")" --model_config "${TEACHER_CONFIG}" \
-        $(opt --init_checkpoint "${TEACHER_INIT}") $(opt --vocab_file "${VOCAB_FILE}") \
-        --max_seq_length "${MAX_SEQ_LENGTH}" --batch_size "${BATCH}" --learning_rate "${LR}" \
-        --num_train_epochs "${EPOCHS}" --train_ratio "${ratio}" --val_freq "${VAL_FREQ}" \
-        --seed "${SEED}" --amp "${AMP}" ${GRAPH_ARGS} \
-        --output_dir "${root}/train_multi_domain/${TASK}/seed${SEED}" \
-        --do_train --do_test ${EXTRA_ARGS}
+        --domain "$(fit_domain_of "${TASK}")" $(teacher_args) ${GRAPH_ARGS} \
+        $(common_args "${ratio}" "${SEED}") \
+        --output_dir "${root}/train_multi_domain/${TASK}/seed${SEED}"
     done
   done
 }

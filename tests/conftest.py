@@ -48,3 +48,11 @@ def tiny_inputs(batch=3, length=12, vocab=99, seed=0):
     segment_ids = torch.zeros(batch, length, dtype=torch.long)
     segment_ids[:, length // 2:] = 1
     return input_ids, segment_ids, attention_mask
+
+
+def tiny_teacher_args(sample, out, steps, *extra, batch_size=8, domain="books"):
+    """Flags of a few-step tiny-teacher run (stage 1 or 3) on the Amazon-format sample."""
+    return ["--task", "amazon", "--data_dir", sample["amazon"], "--domain", domain,
+            "--vocab_file", sample["vocab"], "--model_config", "tiny_teacher",
+            "--max_seq_length", "32", "--batch_size", str(batch_size), "--max_steps", str(steps),
+            "--no_progress", "--output_dir", str(out), *extra]

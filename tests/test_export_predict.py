@@ -12,6 +12,7 @@ import export
 import predict
 import train_domain
 import train_multi_domain
+from conftest import tiny_teacher_args
 from data_processing import WordPieceTokenizer
 from modeling import model_from_checkpoint
 
@@ -22,12 +23,9 @@ TEXTS = ["i love this sturdy blender , great !", "terrible flimsy knife . waste"
 @pytest.fixture(scope="module")
 def runs(sample, tmp_path_factory):
     root = tmp_path_factory.mktemp("export_runs")
-    common = ["--task", "amazon", "--data_dir", sample["amazon"], "--domain", "books",
-              "--vocab_file", sample["vocab"], "--model_config", "tiny_teacher",
-              "--max_seq_length", "32", "--batch_size", "8", "--max_steps", "3",
-              "--learning_rate", "1e-3", "--no_progress", "--do_train"]
-    assert train_domain.main(common + ["--output_dir", str(root / "single")]) == 0
-    assert train_multi_domain.main(common + ["--output_dir", str(root / "multi")]) == 0
+    for main, name in ((train_domain.main, "single"), (train_multi_domain.main, "multi")):
+        assert main(tiny_teacher_args(sample, root / name, 3, "--learning_rate", "1e-3",
+                                      "--do_train")) == 0
     return root
 
 

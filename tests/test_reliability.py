@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT
+from conftest import ROOT, tiny_teacher_args
 
 PYTHON = sys.executable
 
@@ -264,13 +264,9 @@ def torchrun(script, args, env_extra=None, timeout=300):
 @pytest.fixture(scope="module")
 def ddp_teachers(sample, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    common = ["--task", "amazon", "--data_dir", sample["amazon"], "--domain", "books",
-              "--vocab_file", sample["vocab"], "--model_config", "tiny_teacher",
-              "--max_seq_length", "32", "--batch_size", "4", "--max_steps", "2",
-              "--no_progress", "--do_train"]
-    assert run_script("train_domain.py", common + ["--output_dir", str(root / "t1")]).returncode == 0
-    assert run_script("train_multi_domain.py",
-                      common + ["--output_dir", str(root / "t3")]).returncode == 0
+    for script, name in (("train_domain.py", "t1"), ("train_multi_domain.py", "t3")):
+        args = tiny_teacher_args(sample, root / name, 2, "--do_train", batch_size=4)
+        assert run_script(script, args).returncode == 0
     return root
 
 
