@@ -20,8 +20,8 @@ import sys
 
 import utils
 from distillation import frozen_teacher_outputs, tinybert_kd_loss
-from modeling import (BertClassifier, find_weights_file, load_weights, model_from_checkpoint,
-                      resolve_config)
+from modeling import (BertClassifier, config_source, find_weights_file, load_weights,
+                      model_from_checkpoint, resolve_config)
 
 
 def add_student_args(parser: argparse.ArgumentParser):
@@ -29,10 +29,17 @@ def add_student_args(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("student and distillation")
     group.add_argument("--teacher_dir", required=True,
                        help="the teacher's run directory (or a checkpoint file)")
-    group.add_argument("--student_config", default="tinybert_4l_312",
-                       help="a preset name or a config.json (file or folder)")
+    group.add_argument("--student_config", default=None,
+                       help="a preset name or a config.json (file or folder); default: the "
+                            "--student_init folder's config.json, else tinybert_4l_312")
     group.add_argument("--student_init", default=None,
-                       help="general TinyBERT weights (folder or file); none: random init")
+                       help="general TinyBERT weights (folder or file, or all-MiniLM-L6-v2); "
+                            "none: random init")
+    group.add_argument("--student_init_layers", type=int, nargs="+", default=None,
+                       metavar="BLOCK",
+                       help="initialise the student's blocks from these encoder blocks of "
+                            "--student_init (numbered from 1), e.g. 1 2; without "
+                            "--student_config the student then has that many layers")
     group.add_argument("--hidden_ratio", type=float, default=1.0)
     group.add_argument("--pred_ratio", type=float, default=1.0)
     group.add_argument("--temperature", type=float, default=1.0)
@@ -57,11 +64,15 @@ def student_vocab(args) -> str:
 
 def build_student(args, vocab_size: int, num_labels: int, teacher_width: int,
                   num_domains=None) -> BertClassifier:
-    config = resolve_config(args.student_config, vocab_size)
+    blocks = args.student_init_layers
+    config = resolve_config(config_source(args.student_config, args.student_init,
+                                          "tinybert_4l_312"), vocab_size)
+    if blocks and not args.student_config:
+        config.num_hidden_layers = len(blocks)
     utils.check_sequence_length(config, args.max_seq_length, "student")
     student = BertClassifier(config, num_labels, num_domains=num_domains, fit_size=teacher_width)
     if args.student_init:
-        load_weights(student, args.student_init)
+        load_weights(student, args.student_init, blocks=blocks)
     return student
 
 

@@ -12,8 +12,9 @@ source launch_common.sh
 TOTAL_BATCH=${TOTAL_BATCH:-32}        # 8 per GPU x 4 GPUs; kept whatever NUM_GPU is
 LR=${LR:-5e-5}
 EPOCHS=${EPOCHS:-10}
-STUDENT_CONFIG=${STUDENT_CONFIG:-tinybert_4l_312}
+STUDENT_CONFIG=${STUDENT_CONFIG-tinybert_4l_312}  # empty: STUDENT_INIT's config.json
 STUDENT_INIT=${STUDENT_INIT-pretrained_ckpt/tinybert-4l-312}    # empty: random init
+STUDENT_INIT_LAYERS=${STUDENT_INIT_LAYERS-}   # e.g. "1 2": only these blocks of STUDENT_INIT
 HIDDEN_RATIO=${HIDDEN_RATIO:-1}
 PRED_RATIO=${PRED_RATIO:-1}
 TEMPERATURE=${TEMPERATURE:-1}

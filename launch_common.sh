@@ -54,19 +54,35 @@ opt() {
 common_args() {
   echo "--max_seq_length ${MAX_SEQ_LENGTH} --batch_size ${BATCH} --learning_rate ${LR}" \
        "--num_train_epochs ${EPOCHS} --train_ratio $1 --val_freq ${VAL_FREQ} --seed $2" \
-       "--amp ${AMP} $(opt --vocab_file "${VOCAB_FILE}") --do_train --do_test ${EXTRA_ARGS}"
+       "--amp ${AMP} $(opt --vocab_file "${VOCAB_FILE}") $(opt --cache_dir "${CACHE_DIR}")" \
+       "--do_train $([ "${DO_TEST}" = 1 ] && echo --do_test) ${EXTRA_ARGS}"
 }
 
-# Teacher flags of stages 1 and 3 (TEACHER_CONFIG, TEACHER_INIT from the launcher's block).
+# Teacher flags of stages 1 and 3 (TEACHER_CONFIG, TEACHER_INIT from the launcher's block;
+# an empty TEACHER_CONFIG takes the config.json of TEACHER_INIT).
 teacher_args() {
-  echo "--model_config ${TEACHER_CONFIG} $(opt --init_checkpoint "${TEACHER_INIT}")"
+  echo "$(opt --model_config "${TEACHER_CONFIG}") $(opt --init_checkpoint "${TEACHER_INIT}")"
 }
 
 # Student and distillation flags of stages 2 and 4 (from the launcher's block).
 student_args() {
-  echo "--student_config ${STUDENT_CONFIG} $(opt --student_init "${STUDENT_INIT}")" \
+  echo "$(opt --student_config "${STUDENT_CONFIG}") $(opt --student_init "${STUDENT_INIT}")" \
+       "$(opt --student_init_layers "${STUDENT_INIT_LAYERS:-}")" \
        "--hidden_ratio ${HIDDEN_RATIO} --pred_ratio ${PRED_RATIO} --temperature ${TEMPERATURE}"
 }
+
+# PRESET=<name> loads presets/<name>.sh first: a named configuration (e.g. PRESET=real, the
+# real-data configuration of RESULTS.md) whose values the environment can still override.
+STAGE_NAME=$(basename "${BASH_SOURCE[1]:-$0}" .sh)
+PRESET=${PRESET:-}
+if [ -n "${PRESET}" ]; then
+  if [ ! -f "presets/${PRESET}.sh" ]; then
+    echo "error: presets/${PRESET}.sh: no such preset ($(ls presets | sed 's/\.sh$//' | tr '\n' ' '))" >&2
+    exit 1
+  fi
+  # shellcheck disable=SC1090
+  source "presets/${PRESET}.sh"
+fi
 
 # Defaults every launcher shares; each can be overridden from the environment.
 NUM_GPU=${NUM_GPU:-1}
@@ -81,6 +97,8 @@ MNLI_DOMAINS=${MNLI_DOMAINS:-"fiction government slate telephone travel"}
 AMAZON_DOMAINS=${AMAZON_DOMAINS:-"books dvd electronics kitchen"}
 OUT_ROOT=${OUT_ROOT:-runs}
 VOCAB_FILE=${VOCAB_FILE:-}
+CACHE_DIR=${CACHE_DIR:-}             # tokenized-feature cache; empty: <data folder>/cache
+DO_TEST=${DO_TEST:-1}                # 0: train and keep dev figures only (tuning runs)
 EXTRA_ARGS=${EXTRA_ARGS:-}           # e.g. "--overwrite", "--resume", "--no_progress"
 
 # Few-shot: the paper trains on p% of the training data; train_ratio = 0.9 x p / 100.

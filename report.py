@@ -6,6 +6,7 @@ Reads the run directories the ``.sh`` launchers write under --runs (default ``ru
     train_multi_domain/<task>/seed<S>/results.json              multi-domain teacher
     finetune_domain/<task>/<domain>/seed<S>/results.json        TinyBERT-KD student
     finetune_multi_domain/<task>/<variant>/seed<S>/results.json multi-domain students
+    tfidf/<task>/<domain>/results.json                          TF-IDF baseline (deterministic)
     fewshot/p<percent>/...                                      the same layout per ratio
 
 Writes into --out (default <runs>/report): results_<task>.md/.csv, fewshot_<task>.md/.csv,
@@ -34,6 +35,7 @@ from data_processing import PROCESSORS
 
 # (row label, path of its run directories relative to the runs root, per-domain runs?)
 METHODS: List[Tuple[str, str, bool]] = [
+    ("TF-IDF + logistic regression", "tfidf/{task}/{domain}", True),
     ("Single-domain teacher", "train_domain/{task}/{domain}", True),
     ("Multi-domain teacher", "train_multi_domain/{task}", False),
     ("TinyBERT-KD", "finetune_domain/{task}/{domain}", True),
@@ -61,6 +63,9 @@ def _test_accuracy(run_dir: str, domain: str) -> Optional[float]:
 
 
 def seed_dirs(pattern_dir: str) -> List[str]:
+    """The seed<S> runs of a method, or the folder itself for a seedless (deterministic) one."""
+    if os.path.isfile(os.path.join(pattern_dir, "results.json")):
+        return [pattern_dir]
     return sorted(glob.glob(os.path.join(pattern_dir, "seed*")))
 
 

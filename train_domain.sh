@@ -12,7 +12,7 @@ source launch_common.sh
 TOTAL_BATCH=${TOTAL_BATCH:-32}        # 8 per GPU x 4 GPUs; kept whatever NUM_GPU is
 LR=${LR:-2e-5}
 EPOCHS=${EPOCHS:-3}
-TEACHER_CONFIG=${TEACHER_CONFIG:-bert_base}
+TEACHER_CONFIG=${TEACHER_CONFIG-bert_base}  # empty: TEACHER_INIT's config.json
 TEACHER_INIT=${TEACHER_INIT-pretrained_ckpt/bert-base-uncased}   # empty: random init
 
 # ---- few-shot section: MODE=fewshot (or both) repeats the stage on p% of the training data ---

@@ -11,7 +11,7 @@ source launch_common.sh
 TOTAL_BATCH=${TOTAL_BATCH:-32}        # per domain per step: 8 per GPU x 4 GPUs
 LR=${LR:-5e-5}
 EPOCHS=${EPOCHS:-3}
-TEACHER_CONFIG=${TEACHER_CONFIG:-bert_base}
+TEACHER_CONFIG=${TEACHER_CONFIG-bert_base}  # empty: TEACHER_INIT's config.json
 TEACHER_INIT=${TEACHER_INIT-pretrained_ckpt/bert-base-uncased}   # empty: random init
 GRAPH_ARGS=${GRAPH_ARGS:-}            # "--use_graph" weights domains by a graph (off in paper)
 

@@ -151,6 +151,23 @@ def validate_common_args(args):
         raise ValueError("nothing to do: pass --do_train and/or --do_test")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other")
+    blocks = getattr(args, "student_init_layers", None)
+    if blocks and not getattr(args, "student_init", None):
+        raise ValueError("--student_init_layers needs --student_init (the checkpoint to copy "
+                         "the blocks from)")
+
+
+# Flags that name a checkpoint or a config: each also takes a packaged checkpoint's name.
+CHECKPOINT_FLAGS = ("init_checkpoint", "model_config", "student_init", "student_config")
+
+
+def resolve_checkpoint_flags(args):
+    """Replace packaged checkpoint names (all-MiniLM-L6-v2) by their installed folder, so the
+    run's config.json records the files actually read."""
+    from modeling import checkpoint_path
+    for name in CHECKPOINT_FLAGS:
+        if getattr(args, name, None):
+            setattr(args, name, checkpoint_path(getattr(args, name)))
 
 
 def check_sequence_length(config, max_seq_length: int, what: str):
@@ -794,6 +811,7 @@ def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
     of the task, one head each, with --domain as the fit domain. Nothing is written yet."""
     from data_processing import get_processor
     validate_common_args(args)
+    resolve_checkpoint_flags(args)
     processor = get_processor(args.task)
     if args.domain not in processor.domains:
         raise ValueError(f"unknown {args.task} domain '{args.domain}' "
