@@ -240,7 +240,8 @@ def inference_benchmarks(args, device, teacher_config, student_config, generator
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="sizes; the flags below override them")
     parser.add_argument("--teacher", help="teacher config (preset name or config.json)")

@@ -152,6 +152,20 @@ def _check_ratios(train_ratio: float, dev_ratio: float):
             raise ValueError(f"--{name} must be in (0, 1], got {value}")
 
 
+def first_invalid_utf8(path: str) -> str:
+    """'<path>:<line>: ...' for the first byte of ``path`` that is not UTF-8 (a decode error
+    carries only an offset inside the reader's buffer, not the line)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return (f"{path}:{line}: byte 0x{data[err.start]:02x} is not UTF-8 "
+                f"(convert the file to UTF-8)")
+    return f"{path}: not UTF-8"
+
+
 class MnliProcessor:
     """MNLI by genre (REFERENCE.md section 2): train/dev from train.tsv, test = dev_matched.tsv."""
 
@@ -171,23 +185,30 @@ class MnliProcessor:
             raise DataError(f"{path}: data file not found")
         by_genre: Dict[str, List[Example]] = {}
         label_ids = {label: i for i, label in enumerate(self.labels)}
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            # No quote character: GLUE rows hold unbalanced quotes (REFERENCE.md section 6).
-            reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty file")
-            for line_number, row in enumerate(reader, start=2):
-                if len(row) <= self.SENTENCE2 + 1:
-                    raise DataError(f"{path}:{line_number}: expected at least "
-                                    f"{self.SENTENCE2 + 2} tab-separated columns, found {len(row)}")
-                label = row[-1].strip()
-                if label not in label_ids:
-                    raise DataError(f"{path}:{line_number}: unknown label '{label}' "
-                                    f"(expected one of {', '.join(self.labels)})")
-                by_genre.setdefault(row[self.GENRE], []).append(
-                    Example(row[self.SENTENCE1], row[self.SENTENCE2], label_ids[label]))
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as handle:
+                self._read_rows(path, handle, by_genre, label_ids)
+        except UnicodeDecodeError:
+            raise DataError(first_invalid_utf8(path)) from None
         return by_genre
+
+    def _read_rows(self, path: str, handle, by_genre: Dict[str, List[Example]],
+                   label_ids: Dict[str, int]):
+        # No quote character: GLUE rows hold unbalanced quotes (REFERENCE.md section 6).
+        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: empty file")
+        for line_number, row in enumerate(reader, start=2):
+            if len(row) <= self.SENTENCE2 + 1:
+                raise DataError(f"{path}:{line_number}: expected at least "
+                                f"{self.SENTENCE2 + 2} tab-separated columns, found {len(row)}")
+            label = row[-1].strip()
+            if label not in label_ids:
+                raise DataError(f"{path}:{line_number}: unknown label '{label}' "
+                                f"(expected one of {', '.join(self.labels)})")
+            by_genre.setdefault(row[self.GENRE], []).append(
+                Example(row[self.SENTENCE1], row[self.SENTENCE2], label_ids[label]))
 
     def read_splits(self, data_dir: str, domain: str, train_ratio: float = 0.9,
                     dev_ratio: float = 0.1, data_seed: int = 42) -> Dict[str, List[Example]]:

@@ -24,6 +24,7 @@ of a checkpoint; the kind is recognised from its contents).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -32,6 +33,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from typing import Dict, List
 
 import utils
@@ -132,7 +134,26 @@ def fetch_all(name: str, folder: str, opener=urllib.request.urlopen) -> List[str
 # --------------------------------------------------------------------------------------------
 # Layout
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _readable_archive(path: str):
+    """A damaged or truncated archive becomes one DownloadError naming it (the tar and gzip
+    readers raise EOFError, zlib.error or TarError from deep inside)."""
+    try:
+        yield
+    except (EOFError, tarfile.TarError, zipfile.BadZipFile, zlib.error, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DownloadError(f"{path}: damaged or truncated archive ({detail}); "
+                            f"download it again") from None
+
+
 def archive_members(path: str) -> List[str]:
+    with _readable_archive(path):
+        return _archive_members(path)
+
+
+def _archive_members(path: str) -> List[str]:
     if os.path.isdir(path):
         return [os.path.relpath(os.path.join(root, f), path).replace(os.sep, "/")
                 for root, _, files in os.walk(path) for f in files]
@@ -150,6 +171,11 @@ def archive_members(path: str) -> List[str]:
 
 def _safe_extract(path: str, destination: str):
     """Unpack an archive, refusing members that would land outside ``destination``."""
+    with _readable_archive(path):
+        _extract(path, destination)
+
+
+def _extract(path: str, destination: str):
     root = os.path.realpath(destination)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
@@ -175,7 +201,10 @@ def detect_kind(path: str) -> str:
 
 
 def _find(root: str, name: str) -> List[str]:
-    return sorted(os.path.join(r, name) for r, _, files in os.walk(root) if name in files)
+    """Every ``name`` under ``root``, shallowest first: a sentence-transformers folder's own
+    config.json comes before 1_Pooling/config.json."""
+    found = [os.path.join(r, name) for r, _, files in os.walk(root) if name in files]
+    return sorted(found, key=lambda path: (path.count(os.sep), path))
 
 
 def _unpacked(source: str, scratch: str) -> str:
@@ -285,7 +314,8 @@ def install(name: str, files: List[str], dataset_dir: str, checkpoint_dir: str) 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("what", nargs="*",
                         help=f"what to fetch: all, {', '.join(SOURCES)} "
                              f"(default with no --from-archive: all)")

@@ -139,7 +139,8 @@ def export(source: str, out: str, domain: Optional[str] = None, all_domains: boo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("source", help="a run directory or a checkpoint file")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--domain", help="the domain whose head (and best checkpoint) to export")

@@ -46,7 +46,8 @@ def add_student_args(parser: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     utils.add_common_args(parser, lr=5e-5, epochs=10, batch_size=32)
     add_student_args(parser)
     return parser
@@ -62,14 +63,32 @@ def student_vocab(args) -> str:
     return os.path.join(teacher, "vocab.txt")
 
 
-def build_student(args, vocab_size: int, num_labels: int, teacher_width: int,
+def check_layer_ratio(student_layers: int, teacher_layers: int, blocks=None):
+    """The uniform layer map needs L_s to divide L_t; say which student sizes would work."""
+    if blocks and len(blocks) != student_layers:
+        raise ValueError(f"--student_init_layers names {len(blocks)} blocks but the student "
+                         f"config has {student_layers} layers")
+    if teacher_layers % student_layers:
+        fits = [n for n in range(1, teacher_layers + 1) if teacher_layers % n == 0]
+        raise ValueError(f"a {student_layers}-layer student does not fit the {teacher_layers}-"
+                         f"layer teacher (student block i learns from teacher block "
+                         f"i x L_t / L_s): give it {' or '.join(map(str, fits))} layers, e.g. "
+                         f"--student_init_layers with that many blocks or a --student_config "
+                         f"of that depth")
+
+
+def build_student(args, vocab_size: int, num_labels: int, teacher_config,
                   num_domains=None) -> BertClassifier:
+    """The student, checked against the teacher before anything is read or written."""
     blocks = args.student_init_layers
     config = resolve_config(config_source(args.student_config, args.student_init,
                                           "tinybert_4l_312"), vocab_size)
     if blocks and not args.student_config:
         config.num_hidden_layers = len(blocks)
+    check_layer_ratio(config.num_hidden_layers, teacher_config.num_hidden_layers, blocks)
+    utils.check_sequence_length(teacher_config, args.max_seq_length, "teacher")
     utils.check_sequence_length(config, args.max_seq_length, "student")
+    teacher_width = teacher_config.hidden_size
     student = BertClassifier(config, num_labels, num_domains=num_domains, fit_size=teacher_width)
     if args.student_init:
         load_weights(student, args.student_init, blocks=blocks)
@@ -97,9 +116,8 @@ def run(args):
         teacher_file = find_weights_file(args.teacher_dir)
         teacher = utils.freeze(model_from_checkpoint(teacher_file), args.amp)
         teacher = teacher.to(context.dist.device)
-        utils.check_sequence_length(teacher.config, args.max_seq_length, "teacher")
         student = build_student(args, len(context.tokenizer), len(context.labels),
-                                teacher.config.hidden_size)
+                                teacher.config)
         utils.train_stage(context, student, make_kd_loss(teacher, args), "finetune_domain",
                           {"teacher": os.path.abspath(teacher_file)})
     utils.finish_stage(context)

@@ -43,7 +43,8 @@ logger = utils.logger
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     utils.add_common_args(parser, lr=5e-5, epochs=10, batch_size=32)
     add_student_args(parser)
     graph = parser.add_argument_group("domain-relational graph")
@@ -327,9 +328,8 @@ def run(args):
         logger.info("%d distinct teacher(s) for %d domains: %s", len(teachers), len(domains),
                     "; ".join(",".join(domains[d] for d in g) for g in groups))
         teacher_config = teachers[0].config
-        utils.check_sequence_length(teacher_config, args.max_seq_length, "teacher")
         student = build_student(args, len(context.tokenizer), len(context.labels),
-                                teacher_config.hidden_size, num_domains=len(domains))
+                                teacher_config, num_domains=len(domains))
         graph, extra, recorder, meta, extra_state = None, {}, None, None, {}
         if args.use_graph:
             graph = build_graph(args, student.config.num_hidden_layers + 1, len(domains),

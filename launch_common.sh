@@ -1,10 +1,12 @@
 # Shared by the four stage launchers (sourced, not run): the torchrun launch, the per-process
 # batch that keeps the paper's effective batch, and the data folder / domains of each task.
 
-# The command that starts a stage script: plain python on one device, torchrun on several.
+# The command that starts a stage script: plain python on one device, torchrun on several
+# (as "$PYTHON -m torch.distributed.run", the module behind torchrun, so that PYTHON=echo
+# prints every command instead of running it and the venv's interpreter is the one used).
 launcher() {
   if [ "${NUM_GPU}" -gt 1 ]; then
-    echo "torchrun --standalone --nproc_per_node ${NUM_GPU}"
+    echo "${PYTHON:-python} -m torch.distributed.run --standalone --nproc_per_node ${NUM_GPU}"
   else
     echo "${PYTHON:-python}"
   fi

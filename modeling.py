@@ -445,6 +445,28 @@ def _allowed_globals():
     return allowed
 
 
+def safe_torch_load(path: str):
+    """``torch.load(weights_only=True)`` with the released files' numpy metadata allowed.
+
+    A file that needs any other pickled object is refused (never unpickled), and a damaged file
+    is reported, each in one line naming the file."""
+    import pickle
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = found.group(1) if found else "a Python object"
+        raise CheckpointError(
+            f"{path}: refused: it holds a pickled Python object ({what}) besides tensors and "
+            f"numpy metadata, and loading it could run code; save the weights alone "
+            f"(a state_dict) or as safetensors") from None
+    except Exception as err:  # truncated archives surface as OSError, RuntimeError, EOFError...
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint (truncated, or not written by "
+                              f"torch.save): {detail}") from None
+
+
 def read_checkpoint(path: str) -> dict:
     """Read a weights file safely: safetensors, or ``torch.load(weights_only=True)``.
 
@@ -454,13 +476,11 @@ def read_checkpoint(path: str) -> dict:
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return {"state_dict": load_file(path)}
-    try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle refusals and corrupt files surface as many types
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refused or unreadable checkpoint ({first_line})") from None
+        try:
+            return {"state_dict": load_file(path)}
+        except Exception as err:  # safetensors raises its own error type for damaged files
+            raise CheckpointError(f"{path}: unreadable safetensors file ({err})") from None
+    content = safe_torch_load(path)
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, found {type(content).__name__}")
     if "state_dict" not in content:

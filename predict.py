@@ -123,7 +123,8 @@ def format_rows(examples, probabilities, labels, fmt: str) -> List[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", help="run directory, checkpoint file, or exported folder")
     parser.add_argument("texts", nargs="*", help="texts to classify (a tab separates a pair)")
     parser.add_argument("--file", help="one example per line ('-' or none: standard input)")

@@ -45,7 +45,8 @@ def build_teacher(args, vocab_size: int, num_labels: int, num_domains=None) -> B
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     utils.add_common_args(parser, lr=2e-5, epochs=3, batch_size=32)
     add_teacher_args(parser)
     return parser

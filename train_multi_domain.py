@@ -28,7 +28,8 @@ from train_domain import add_teacher_args, build_teacher
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     utils.add_common_args(parser, lr=5e-5, epochs=3, batch_size=32)
     model = add_teacher_args(parser)
     model.add_argument("--use_graph", action="store_true",

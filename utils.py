@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import logging
 import math
@@ -39,6 +40,12 @@ logger = logging.getLogger("hrkd")
 # --------------------------------------------------------------------------------------------
 # Atomic files: write to a temporary name in the same directory, then rename.
 # --------------------------------------------------------------------------------------------
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_path(path: str):
     directory = os.path.dirname(os.path.abspath(path))
@@ -47,6 +54,9 @@ def _atomic_path(path: str):
     os.close(handle)
     try:
         yield temporary
+        # mkstemp makes the file private (0600); give it the mode open() would, so a cluster
+        # group can read results and checkpoints as the umask allows.
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -86,7 +96,9 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
                       help="MNLI: the folder of train.tsv/dev_matched.tsv; Amazon: the folder "
                            "of the domain folders")
     data.add_argument("--domain", required=True,
-                      help="the domain (stages 1-2) or the fit domain (stages 3-4)")
+                      help="stages 1-2: the domain to train on; stages 3-4: the fit domain, whose "
+                           "data sets the epoch (ceil(n_fit / batch) steps) while the other "
+                           "domains cycle (books for Amazon, telephone for MNLI)")
     data.add_argument("--vocab_file", default=None,
                       help="default: vocab.txt next to the initial checkpoint")
     data.add_argument("--max_seq_length", type=int, default=128)
@@ -136,15 +148,27 @@ def add_switch(parser, name: str, default: bool, help_text: str):
     parser.add_argument(f"--no_{name}", dest=name, action="store_false")
 
 
+# The shortest input that still holds a token of each text of a pair.
+MIN_SEQ_LENGTH = 5
+
+
 def validate_common_args(args):
     """Out-of-range flags stop before anything is read or written."""
     for name in ("train_ratio", "dev_ratio"):
         value = getattr(args, name)
         if not 0.0 < value <= 1.0:
             raise ValueError(f"--{name} must be in (0, 1], got {value}")
-    for name in ("batch_size", "eval_batch_size", "max_seq_length", "val_freq"):
+    for name in ("batch_size", "eval_batch_size", "max_seq_length", "val_freq", "learning_rate",
+                 "max_grad_norm"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.max_seq_length < MIN_SEQ_LENGTH:
+        raise ValueError(f"--max_seq_length must be at least {MIN_SEQ_LENGTH} ([CLS] a [SEP] b "
+                         f"[SEP] with one token each), got {args.max_seq_length}")
+    if not 0.0 <= args.warmup_proportion < 1.0:
+        raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight_decay must not be negative, got {args.weight_decay}")
     if args.num_train_epochs <= 0 and args.max_steps <= 0:
         raise ValueError("--num_train_epochs or --max_steps must be positive")
     if not (args.do_train or args.do_test):
@@ -243,10 +267,22 @@ class Distributed:
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def close(self):
-        """Wait for rank 0 (it may still be testing), then leave the process group."""
+        """Wait for rank 0 (it may still be testing). The group itself is left by
+        ``leave_process_group`` once the stage's models are gone."""
         if self.enabled and torch.distributed.is_initialized():
             torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+
+
+def leave_process_group():
+    """Destroy the process group after everything that holds its pending work is freed.
+
+    DDP's reducer and gloo's work objects keep tensors; if they outlive the group into
+    interpreter shutdown, gloo's threads can abort the process ("terminate called without an
+    active exception", SIGABRT) after the run finished its work. So: collect them first, then
+    destroy the group while the interpreter is fully alive, on every exit path."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -312,16 +348,50 @@ def git_commit() -> str:
         return "unknown"
 
 
+class _ProgressAwareHandler(logging.StreamHandler):
+    """Console lines that go above an active tqdm bar instead of being glued to it."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never stop a run
+            self.handleError(record)
+
+
+class _EarlyRecords(logging.Handler):
+    """Keeps what is logged before the run directory exists (checkpoint loading, data), so
+    train.log holds the same lines as the console."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 def setup_logging(log_file: Optional[str] = None, main: bool = True):
+    """Console logging (rank 0 at INFO); with ``log_file``, also that file, starting with the
+    lines logged since the stage began."""
     logger.setLevel(logging.INFO if main else logging.WARNING)
-    if not logger.handlers:
-        console = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _ProgressAwareHandler) for h in logger.handlers):
+        console = _ProgressAwareHandler(sys.stderr)
         console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(console)
+    early = [h for h in logger.handlers if isinstance(h, _EarlyRecords)]
+    for handler in [h for h in logger.handlers if isinstance(h, (logging.FileHandler,
+                                                                 _EarlyRecords))]:
+        logger.removeHandler(handler)  # a previous run in this process, or the buffer
+        handler.close()
     if log_file and main:
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        for record in (early[0].records if early else []):
+            handler.handle(record)
         logger.addHandler(handler)
+    elif main:
+        logger.addHandler(_EarlyRecords())
     # Checkpoint loading logs through modeling's logger; send it to the same place.
     logging.getLogger("modeling").handlers = logger.handlers
     logging.getLogger("modeling").setLevel(logger.level)
@@ -687,7 +757,8 @@ def _save_resume_state(run: RunDir, stage: Stage, state: TrainState, optimizer, 
 
 
 def _restore(run: RunDir, stage: Stage, optimizer, scheduler, scaler) -> TrainState:
-    content = torch.load(run.file(RunDir.LAST), map_location="cpu", weights_only=True)
+    from modeling import safe_torch_load
+    content = safe_torch_load(run.file(RunDir.LAST))
     unwrap(stage.model).load_state_dict(content["model"])
     optimizer.load_state_dict(content["optimizer"])
     scheduler.load_state_dict(content["scheduler"])
@@ -741,10 +812,9 @@ def run_test(args, run: RunDir, domains: List[str], head_of: Dict[str, Optional[
 # --------------------------------------------------------------------------------------------
 # Set-up shared by the stage scripts
 # --------------------------------------------------------------------------------------------
-def load_features(args, domains: Sequence[str], vocab_file: str, dist: Distributed):
-    """Tokenizer and {domain: {split: tensors}} for the stage's domains (cached on disk)."""
-    from data_processing import WordPieceTokenizer, load_domain_features
-    tokenizer = WordPieceTokenizer(vocab_file, lowercase=args.lowercase)
+def load_features(args, domains: Sequence[str], tokenizer, dist: Distributed):
+    """{domain: {split: tensors}} for the stage's domains (cached on disk)."""
+    from data_processing import load_domain_features
     cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
     features = {domain: load_domain_features(args.task, args.data_dir, domain, tokenizer,
                                              args.max_seq_length, args.train_ratio,
@@ -754,7 +824,7 @@ def load_features(args, domains: Sequence[str], vocab_file: str, dist: Distribut
         for split, tensors in splits.items():
             if tensors["labels"].shape[0] == 0:
                 raise ValueError(f"{args.data_dir}: domain '{domain}' has no {split} examples")
-    return tokenizer, features
+    return features
 
 
 def split_of(features, split: str) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -790,7 +860,9 @@ def freeze(model: nn.Module, amp: str = "off") -> nn.Module:
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class StageContext:
-    """What a stage script has once its flags are checked and its data loaded."""
+    """What a stage script has once its flags are checked; the data is tokenized (and cached)
+    on first use, after the stage has built its models, so that a bad model flag or checkpoint
+    stops the run before any cache file is written."""
 
     args: argparse.Namespace
     dist: Distributed
@@ -798,17 +870,24 @@ class StageContext:
     domains: List[str]
     head_of: Dict[str, Optional[int]]
     tokenizer: object
-    features: Dict[str, Dict[str, Dict[str, torch.Tensor]]]
     vocab_file: str
     run_dir: RunDir
+    _features: Optional[Dict[str, Dict[str, Dict[str, torch.Tensor]]]] = None
+
+    @property
+    def features(self) -> Dict[str, Dict[str, Dict[str, torch.Tensor]]]:
+        if self._features is None:
+            self._features = load_features(self.args, self.domains, self.tokenizer, self.dist)
+        return self._features
 
 
 def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
                 multi_domain: bool) -> StageContext:
-    """Check flags, start the process group, seed, load every split of the stage's domains.
+    """Check flags, start the process group, seed, read the vocabulary.
 
     Single-domain stages train --domain with one head; multi-domain stages train every domain
-    of the task, one head each, with --domain as the fit domain. Nothing is written yet."""
+    of the task, one head each, with --domain as the fit domain. Nothing is written yet: the
+    data is tokenized on first use of ``context.features`` (after the models are built)."""
     from data_processing import get_processor
     validate_common_args(args)
     resolve_checkpoint_flags(args)
@@ -822,9 +901,10 @@ def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
     domains = list(processor.domains) if multi_domain else [args.domain]
     head_of = ({d: i for i, d in enumerate(domains)} if multi_domain else {args.domain: None})
     vocab_file = vocab_file_of(args)
-    tokenizer, features = load_features(args, domains, vocab_file, dist)
+    from data_processing import WordPieceTokenizer
+    tokenizer = WordPieceTokenizer(vocab_file, lowercase=args.lowercase)
     return StageContext(args, dist, list(processor.labels), domains, head_of, tokenizer,
-                        features, vocab_file, RunDir(args.output_dir, dist.is_main))
+                        vocab_file, RunDir(args.output_dir, dist.is_main))
 
 
 def train_stage(context: StageContext, model: nn.Module, compute_loss, stage_name: str,
@@ -832,14 +912,15 @@ def train_stage(context: StageContext, model: nn.Module, compute_loss, stage_nam
     """Open the run directory (models are built by now, so bad checkpoints never leave one
     behind) and run the loop."""
     args, run = context.args, context.run_dir
+    features = context.features  # bad data stops the run before its directory is made
     run.prepare_for_training(args, context.dist)
     setup_logging(run.file("train.log"), context.dist.is_main)
     copy_vocab(context.vocab_file, run)
     meta = {"task": args.task, "domains": context.domains, "labels": context.labels,
             "stage": stage_name, **(checkpoint_meta or {})}
     stage = Stage(model=model, domains=context.domains, fit_domain=args.domain,
-                  train_features=split_of(context.features, "train"),
-                  dev_features=split_of(context.features, "dev"), head_of=context.head_of,
+                  train_features=split_of(features, "train"),
+                  dev_features=split_of(features, "dev"), head_of=context.head_of,
                   compute_loss=compute_loss, checkpoint_meta=meta, **stage_options)
     return train(args, stage, run, context.dist)
 
@@ -857,4 +938,7 @@ def finish_stage(context: StageContext):
 def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
                run: Callable[[argparse.Namespace], None], argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return main_guard(lambda: run(args))
+    try:
+        return main_guard(lambda: run(args))
+    finally:
+        leave_process_group()

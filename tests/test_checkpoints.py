@@ -202,9 +202,12 @@ def test_pickled_object_is_refused_without_running(tmp_path, source):
     torch.save({"state_dict": source.state_dict(), "evil": _Payload(str(marker))},
                tmp_path / "evil.bin")
     assert not marker.exists()
-    with pytest.raises(CheckpointError, match="evil.bin: refused or unreadable"):
+    with pytest.raises(CheckpointError, match=r"evil.bin: refused: .*\(io.open\)") as refused:
         read_checkpoint(str(tmp_path / "evil.bin"))
     assert not marker.exists()
+    # Why it was refused, never the advice to turn safe loading off.
+    assert "weights_only" not in str(refused.value) and "False" not in str(refused.value)
+    assert len(str(refused.value).splitlines()) == 1
 
 
 def test_missing_and_unexpected_weights_are_logged(tmp_path, source, caplog):
