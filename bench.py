@@ -23,17 +23,17 @@ import resource
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
+import objectives
+from objectives import (DistillConfig, GraphWeighting, cross_entropy_loss, make_hrkd_loss,
+                        make_kd_loss, make_multi_domain_ce)
+import runtime
+import training
 import utils
 from distillation import DomainRelationalGraph, domain_prototypes, hrkd_loss
-from finetune_domain import make_kd_loss
-from finetune_multi_domain import make_hrkd_loss
 from modeling import BertClassifier, resolve_config
-from train_domain import cross_entropy_loss
-from train_multi_domain import make_multi_domain_ce
 
 PRESETS = {
     "tiny": dict(teacher="tiny_teacher", student="tiny_student", seq_len=40, batch=16, domains=4,
@@ -83,12 +83,12 @@ def time_steps(step, steps: int, warmup: int, device) -> dict:
 def training_step(model, extra, compute_loss, batches, device, amp):
     """One optimisation step as the loop runs it (AMP, clipping, AdamW)."""
     modules = {"model": model, **extra}
-    optimizer = utils.build_optimizer(modules, 1e-5, 0.01)
-    scaler = utils.make_scaler(device, amp)
+    optimizer = training.build_optimizer(modules, 1e-5, 0.01)
+    scaler = runtime.make_scaler(device, amp)
     parameters = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
 
     def step():
-        with utils.autocast(device, amp):
+        with runtime.autocast(device, amp):
             loss = compute_loss(model, batches)["loss"]
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -123,7 +123,7 @@ def run_benchmarks(args) -> dict:
     generator = torch.Generator().manual_seed(0)
     teacher_config = resolve_config(args.teacher, args.vocab)
     student_config = resolve_config(args.student, args.vocab)
-    batches = [utils.to_device(random_batch(args.batch, args.seq_len, args.vocab, generator),
+    batches = [runtime.to_device(random_batch(args.batch, args.seq_len, args.vocab, generator),
                                device) for _ in range(args.domains)]
     results = {"config": vars(args), "torch": torch.__version__, "machine": platform.machine(),
                "processor": platform.processor(), "threads": torch.get_num_threads(),
@@ -147,14 +147,14 @@ def run_benchmarks(args) -> dict:
 
 def train_benchmarks(args, device, teacher_config, student_config, batches, record, results):
     width, domains = teacher_config.hidden_size, args.domains
-    loss_args = SimpleNamespace(hidden_ratio=1.0, pred_ratio=1.0, temperature=1.0)
+    loss_args = DistillConfig(hidden_ratio=1.0, pred_ratio=1.0, temperature=1.0)
     # Stage 1: one teacher, cross-entropy.
     teacher = BertClassifier(teacher_config, 3).to(device)
     record("stage1_teacher_ce", training_step(teacher, {}, cross_entropy_loss, batches[:1],
                                               device, args.amp), args.batch)
     del teacher
     # Stage 2: TinyBERT-KD on one domain.
-    frozen = utils.freeze(BertClassifier(teacher_config, 3).to(device), args.amp)
+    frozen = objectives.freeze(BertClassifier(teacher_config, 3).to(device), args.amp)
     student = BertClassifier(student_config, 3, fit_size=width).to(device)
     record("stage2_tinybert_kd", training_step(student, {}, make_kd_loss(frozen, loss_args),
                                                batches[:1], device, args.amp), args.batch)
@@ -166,18 +166,18 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
            args.batch * domains)
     del multi_teacher
     # Stage 4: HRKD, optimised and straightforward, same models and inputs.
-    teachers = [utils.freeze(BertClassifier(teacher_config, 3, num_domains=domains).to(device),
+    teachers = [objectives.freeze(BertClassifier(teacher_config, 3, num_domains=domains).to(device),
                              args.amp) for _ in range(domains)]
     student = BertClassifier(student_config, 3, num_domains=domains, fit_size=width).to(device)
     graph = DomainRelationalGraph(student_config.num_hidden_layers + 1, domains, width).to(device)
     graph.requires_grad_(False)
     record("stage4_hrkd", training_step(student, {"graph": graph},
                                         make_hrkd_loss(teachers, [[d] for d in range(domains)],
-                                                       graph, loss_args, None),
+                                                       GraphWeighting(graph, False), loss_args),
                                         batches, device, args.amp), args.batch * domains)
     plain_teachers = teachers
     if args.straightforward_amp != args.amp:  # plain teachers, as the straightforward code has
-        plain_teachers = [utils.freeze(BertClassifier(teacher_config, 3, num_domains=domains)
+        plain_teachers = [objectives.freeze(BertClassifier(teacher_config, 3, num_domains=domains)
                                        .to(device)) for _ in range(domains)]
     record("stage4_hrkd_straightforward",
            training_step(student, {"graph": graph},
@@ -187,8 +187,8 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
     if args.profile:
         results["hrkd_profile"] = profile_step(
             training_step(student, {"graph": graph},
-                          make_hrkd_loss(teachers, [[d] for d in range(domains)], graph,
-                                         loss_args, None), batches, device, args.amp), device)
+                          make_hrkd_loss(teachers, [[d] for d in range(domains)],
+                                         GraphWeighting(graph, False), loss_args), batches, device, args.amp), device)
     steps = results["train_step"]
     results["hrkd_speedup_vs_straightforward"] = (
         steps["stage4_hrkd"]["examples_per_s"] / steps["stage4_hrkd_straightforward"]["examples_per_s"])
@@ -217,14 +217,14 @@ def profile_step(step, device, top: int = 12) -> dict:
 def inference_benchmarks(args, device, teacher_config, student_config, generator, results):
     """Teacher vs student on the same inputs: fused attention, inference mode, logits only."""
     width = teacher_config.hidden_size
-    inputs = utils.to_device(random_batch(args.infer_batch, args.seq_len, args.vocab, generator),
+    inputs = runtime.to_device(random_batch(args.infer_batch, args.seq_len, args.vocab, generator),
                              device)
     for name, model in (("teacher", BertClassifier(teacher_config, 3)),
                         ("student", BertClassifier(student_config, 3, fit_size=width))):
         model = model.to(device).eval()
 
         def infer():
-            with torch.inference_mode(), utils.autocast(device, args.amp):
+            with torch.inference_mode(), runtime.autocast(device, args.amp):
                 model(inputs["input_ids"], inputs["segment_ids"], inputs["attention_mask"],
                       score_layers=(), fit=False)
 

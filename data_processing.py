@@ -372,7 +372,7 @@ def load_domain_features(task: str, data_dir: str, domain: str, tokenizer: WordP
                          dist=None) -> Dict[str, Dict[str, torch.Tensor]]:
     """Tokenized tensors of every split of one domain, read from / written to the cache.
 
-    With ``dist`` (utils.Distributed) rank 0 builds and writes the cache while the others wait.
+    With ``dist`` (runtime.Distributed) rank 0 builds and writes the cache while the others wait.
     """
     _check_domain(get_processor(task), domain)
     key = feature_cache_key(task, data_dir, domain, tokenizer, max_seq_length, train_ratio,

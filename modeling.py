@@ -147,6 +147,13 @@ def config_source(config_flag: Optional[str], init_path: Optional[str], default:
     return init_path if has_config_file(init_path) else default
 
 
+def check_sequence_length(config: BertConfig, max_seq_length: int, what: str):
+    """Refuse --max_seq_length beyond the model's position embeddings (before tokenizing)."""
+    if max_seq_length > config.max_position_embeddings:
+        raise ValueError(f"--max_seq_length {max_seq_length} exceeds the {what}'s "
+                         f"max_position_embeddings ({config.max_position_embeddings})")
+
+
 def resolve_config(name_or_path: str, vocab_size: Optional[int] = None) -> BertConfig:
     """A preset name, a ``config.json`` path, or a directory holding ``config.json``.
 

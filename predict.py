@@ -20,6 +20,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 
+import training
 import utils
 from data_processing import WordPieceTokenizer
 from export import checkpoint_for, run_settings
@@ -85,7 +86,7 @@ class Predictor:
             features = self.tokenizer.encode_pairs([a for a, _ in part], [b for _, b in part],
                                                    self.max_seq_length)
             tensors = {k: torch.from_numpy(v).long() for k, v in features.items()}
-            logits = utils.predict_logits(self.model, tensors, self.head, batch_size, self.device)
+            logits = training.predict_logits(self.model, tensors, self.head, batch_size, self.device)
             chunks.append(torch.softmax(logits, dim=-1))
             bar.update(len(part))
         bar.close()

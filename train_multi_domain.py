@@ -15,23 +15,16 @@ Single process (8 per domain x 4 GPUs = 32 per domain per step):
         --output_dir runs/train_multi_domain/amazon/seed42 --do_train --do_test
 Four GPUs:  torchrun --standalone --nproc_per_node 4 train_multi_domain.py ... --batch_size 8
 """
-import argparse
 import sys
 
-import torch
-import torch.nn.functional as F
-
-import utils
-from data_processing import concat_domain_batches
+import stages
 from distillation import DomainRelationalGraph
-from train_domain import add_teacher_args, build_teacher
+from objectives import build_teacher, make_multi_domain_ce
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    utils.add_common_args(parser, lr=5e-5, epochs=3, batch_size=32)
-    model = add_teacher_args(parser)
+def build_parser():
+    parser = stages.stage_parser(__doc__, lr=5e-5, epochs=3, batch_size=32)
+    model = stages.add_teacher_args(parser)
     model.add_argument("--use_graph", action="store_true",
                        help="weight each domain's cross-entropy by a domain-relational graph "
                             "over the per-domain mean of all hidden states")
@@ -40,33 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_multi_domain_ce(graph=None):
-    """Sum over domains of cross-entropy, each with its own head; one forward for all domains."""
-
-    def compute_loss(model, batches):
-        batch, domain_ids, sizes = concat_domain_batches(batches)
-        out = model(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
-                    domain=domain_ids, score_layers=())
-        per_example = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
-        per_domain = torch.stack([chunk.mean() for chunk in torch.split(per_example, sizes)])
-        losses = {f"ce_{d}": value.detach() for d, value in enumerate(per_domain)}
-        if graph is None:
-            return {"loss": per_domain.sum(), **losses}
-        # One level over the per-domain mean of every reported hidden state.
-        stacked = torch.stack([h.float() for h in out.hidden_states])       # (L+1, N, T, H)
-        means = torch.stack([chunk.mean(dim=(0, 1, 2))
-                             for chunk in torch.split(stacked, sizes, dim=1)])  # (D, H)
-        weights, _ = graph(means[None])
-        return {"loss": (weights[0] * per_domain).sum(), **losses}
-
-    return compute_loss
-
-
 def run(args):
-    context = utils.begin_stage(args, lambda a: utils.default_vocab(a, a.init_checkpoint),
-                                multi_domain=True)
+    context = stages.begin_stage(args, stages.teacher_vocab, multi_domain=True)
     if args.do_train:
-        model = build_teacher(args, len(context.tokenizer), len(context.labels),
+        model = build_teacher(args.model_config, args.init_checkpoint, len(context.tokenizer),
+                              len(context.labels), args.max_seq_length,
                               num_domains=len(context.domains))
         extra, graph = {}, None
         if args.use_graph:
@@ -74,13 +45,13 @@ def run(args):
                                           hierarchical=False).to(context.dist.device)
             graph.requires_grad_(args.train_graph)
             extra["graph"] = graph
-        utils.train_stage(context, model, make_multi_domain_ce(graph), "train_multi_domain",
-                          extra_modules=extra)
-    utils.finish_stage(context)
+        stages.train_stage(context, model, make_multi_domain_ce(graph), "train_multi_domain",
+                           extra_modules=extra)
+    stages.finish_stage(context)
 
 
 def main(argv=None) -> int:
-    return utils.stage_main(build_parser, run, argv)
+    return stages.stage_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -6,21 +6,21 @@ The values were recorded from the code before the library refactor (issue 11).
 """
 import pytest
 
-import utils
+import training
 from conftest import tiny_teacher_args
 
 
 def losses_of_first_steps(monkeypatch, main, argv, steps=3):
     """{step: {loss term: value}} of the first ``steps`` training steps of ``main(argv)``."""
     recorded = {}
-    original = utils._log_scalars
+    original = training._log_scalars
 
     def record(writer, prefix, values, step):
         if prefix == "train" and step <= steps:
             recorded[step] = {k: float(v) for k, v in values.items() if k != "lr"}
         return original(writer, prefix, values, step)
 
-    monkeypatch.setattr(utils, "_log_scalars", record)
+    monkeypatch.setattr(training, "_log_scalars", record)
     try:
         assert main(argv) == 0
     finally:

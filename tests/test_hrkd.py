@@ -5,13 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import finetune_multi_domain as stage4
+import objectives
+import runtime
+import training
 import utils
 from distillation import (DomainRelationalGraph, domain_prototypes, hrkd_loss, layer_losses,
                           soft_cross_entropy)
 from modeling import ModelOutput
 
 LEVELS, DOMAINS, WIDTH, HEADS = 3, 4, 6, 8
+
+
+DISTILL = objectives.DistillConfig(hidden_ratio=1.0, pred_ratio=1.0, temperature=1.0)
 
 
 def reference_gat_layer(x, W, a):
@@ -168,7 +173,7 @@ def run_graph_training(train_graph: bool, steps: int = 3):
                                 num_attention_heads=2, intermediate_size=16,
                                 max_position_embeddings=16)
     domains = ["a", "b", "c"]
-    teachers = [utils.freeze(BertClassifier(teacher_config, 2, num_domains=3)) for _ in domains]
+    teachers = [objectives.freeze(BertClassifier(teacher_config, 2, num_domains=3)) for _ in domains]
     student = BertClassifier(student_config, 2, num_domains=3, fit_size=16)
     args = argparse.Namespace(graph_heads=2, graph_dropout=0.1, hierarchical=True,
                               domain_weighting="graph",
@@ -178,7 +183,8 @@ def run_graph_training(train_graph: bool, steps: int = 3):
                               warmup_proportion=0.0, max_grad_norm=1.0, amp="off",
                               val_freq=1000, eval_batch_size=8, resume=False,
                               no_progress=True, max_nonfinite_steps=3)
-    graph = stage4.build_graph(args, 3, 3, 16)
+    graph = DomainRelationalGraph(3, 3, 16, heads=2, dropout=0.1,
+                                  hierarchical=True).requires_grad_(train_graph)
     before = {k: v.clone() for k, v in graph.state_dict().items()}
 
     def features(n, seed):
@@ -189,11 +195,12 @@ def run_graph_training(train_graph: bool, steps: int = 3):
                 "labels": torch.randint(0, 2, (n,), generator=g)}
 
     train_features = {d: features(6, i) for i, d in enumerate(domains)}
-    stage = utils.Stage(model=student, domains=domains, fit_domain="a",
+    stage = training.Stage(model=student, domains=domains, fit_domain="a",
                         train_features=train_features, dev_features=train_features,
                         head_of={d: i for i, d in enumerate(domains)},
-                        compute_loss=stage4.make_hrkd_loss(teachers, [[0], [1], [2]], graph, args,
-                                                             None),
+                        compute_loss=objectives.make_hrkd_loss(
+                            teachers, [[0], [1], [2]],
+                            objectives.GraphWeighting(graph, train_graph), DISTILL),
                         checkpoint_meta={}, extra_modules={"graph": graph})
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     return before, graph, stage, args, student_before
@@ -205,7 +212,7 @@ def test_train_graph_flag_decides_whether_the_graph_moves(tmp_path, train_graph)
     run = utils.RunDir(str(tmp_path / "run"))
     args.output_dir, args.overwrite = run.path, False
     run.prepare_for_training(args)
-    utils.train(args, stage, run, utils.Distributed())
+    training.train(args, stage, run, runtime.Distributed())
     after = graph.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     if train_graph:
@@ -225,13 +232,15 @@ def test_shared_teacher_forward_equals_separate_forwards():
     torch.manual_seed(3)
     config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4,
                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
-    shared, other = (utils.freeze(BertClassifier(config, 2, num_domains=3)) for _ in range(2))
+    shared, other = (objectives.freeze(BertClassifier(config, 2, num_domains=3)) for _ in range(2))
     student = stage.model.eval()
     graph.eval()
     batches = [{name: tensor[:2] for name, tensor in stage.train_features[d].items()}
                for d in stage.domains]
-    separate = stage4.make_hrkd_loss([shared, other, shared], [[0], [1], [2]], graph, args, None)
-    grouped = stage4.make_hrkd_loss([shared, other], [[0, 2], [1]], graph, args, None)
+    weighting = objectives.GraphWeighting(graph, False)
+    separate = objectives.make_hrkd_loss([shared, other, shared], [[0], [1], [2]], weighting,
+                                         DISTILL)
+    grouped = objectives.make_hrkd_loss([shared, other], [[0, 2], [1]], weighting, DISTILL)
     a, b = separate(student, batches)["loss"], grouped(student, batches)["loss"]
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -247,7 +256,7 @@ def test_load_teachers_groups_identical_checkpoints(tmp_path):
         torch.save({"state_dict": model.state_dict(), "config": model.config.to_dict(),
                     "model_args": model.model_args()}, path)
         paths.append(str(path))
-    teachers, groups = stage4.load_teachers(paths, torch.device("cpu"))
+    teachers, groups = objectives.load_teachers(paths, torch.device("cpu"))
     assert len(teachers) == 2 and groups == [[0, 2], [1]]
 
 
@@ -256,7 +265,7 @@ def test_load_teachers_groups_identical_checkpoints(tmp_path):
 # ------------------------------------------------------------------------------------------
 def test_uniform_weighting_is_exactly_one_over_d(graph):
     students = [fake_outputs(d) for d in range(DOMAINS)]
-    weights, hierarchy = stage4.domain_weights("uniform", graph, students)
+    weights, hierarchy = objectives.UniformWeighting(LEVELS, DOMAINS, "cpu").weights(students)
     assert torch.equal(weights, torch.full((LEVELS, DOMAINS), 1.0 / DOMAINS))
     assert hierarchy == [None] * LEVELS
 
@@ -280,11 +289,15 @@ def meta_setup(meta_every):
     torch.manual_seed(5)
     config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=16)
-    teachers = [utils.freeze(BertClassifier(config, 2, num_domains=3)) for _ in range(3)]
+    teachers = [objectives.freeze(BertClassifier(config, 2, num_domains=3)) for _ in range(3)]
     groups = [[0], [1], [2]]
-    meta = stage4.MetaGraphLearner(graph, teachers, groups, stage.train_features, stage.domains,
-                                   args, torch.device("cpu"))
-    stage.compute_loss = stage4.make_hrkd_loss(teachers, groups, graph, args, None, meta)
+    meta = objectives.MetaGraphLearner(
+        graph, teachers, groups, [stage.train_features[d] for d in stage.domains], DISTILL,
+        objectives.MetaConfig(lr=1e-2, every=meta_every, virtual_lr=1e-1, objective="distill",
+                              batch_size=args.batch_size, seed=args.seed), torch.device("cpu"))
+    stage.compute_loss = objectives.make_hrkd_loss(teachers, groups,
+                                                   objectives.MetaGraphWeighting(graph, meta),
+                                                   DISTILL)
     stage.extra_state = {"meta": meta}
     stage.optimise_extra = False
     return before, graph, stage, args, meta, teachers, groups
@@ -298,7 +311,7 @@ def test_meta_graph_moves_only_by_its_meta_step(tmp_path, meta_every, moves):
     run = utils.RunDir(str(tmp_path / "run"))
     args.output_dir, args.overwrite = run.path, False
     run.prepare_for_training(args)
-    utils.train(args, stage, run, utils.Distributed())
+    training.train(args, stage, run, runtime.Distributed())
     after = graph.state_dict()
     changed = any(not torch.equal(before[k], after[k]) for k in before)
     assert changed == moves
@@ -311,7 +324,7 @@ def test_meta_step_leaves_student_parameters_untouched():
     batches = [{k: v[:2] for k, v in stage.train_features[d].items()} for d in stage.domains]
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     graph_before = {k: v.clone() for k, v in graph.state_dict().items()}
-    targets = stage4.teacher_outputs(teachers, groups, batches, 2)
+    targets = objectives.teacher_outputs(teachers, groups, batches, 2)
     objective = meta.step(student, batches, targets)
     assert torch.isfinite(objective)
     assert all(torch.equal(student_before[k], v) for k, v in student.state_dict().items())
@@ -326,8 +339,8 @@ def test_frozen_teacher_in_bf16_is_bit_identical_under_autocast():
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=16)
-    plain = utils.freeze(BertClassifier(config, 2))
-    cast = utils.freeze(copy.deepcopy(plain), "bf16")
+    plain = objectives.freeze(BertClassifier(config, 2))
+    cast = objectives.freeze(copy.deepcopy(plain), "bf16")
     assert cast.encoder[0].ffn.dense1.weight.dtype == torch.bfloat16
     assert cast.embeddings.layernorm.weight.dtype == torch.float32
     ids = torch.randint(1, 30, (3, 8))

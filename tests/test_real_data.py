@@ -3,7 +3,6 @@
 Skipped only where ../shared is absent (a user's clone without the development data); in this
 project's checkout and in CI the data is there and these tests run.
 """
-import argparse
 import os
 
 import pytest
@@ -14,7 +13,7 @@ from conftest import ROOT
 from data_processing import AmazonProcessor, WordPieceTokenizer, examples_to_tensors, take
 from distillation import DomainRelationalGraph
 from modeling import BertClassifier, config_source, load_weights, resolve_config
-import utils
+import objectives
 
 AMAZON = os.path.join(os.path.dirname(ROOT), "shared", "data", "amazon")
 pytestmark = pytest.mark.skipif(not os.path.isdir(AMAZON),
@@ -57,7 +56,6 @@ def test_tokenizer_matches_transformers_on_real_reviews(real_splits, minilm_dir)
 def test_hrkd_steps_with_the_minilm_teacher_lower_the_loss(real_splits, minilm_dir):
     """A MiniLM multi-domain teacher, the real configuration's student (MiniLM blocks 1-2),
     the released graph: a few steps on real reviews at T = 32 lower the HRKD loss."""
-    from finetune_multi_domain import make_hrkd_loss
     torch.manual_seed(0)
     tokenizer = WordPieceTokenizer(os.path.join(minilm_dir, "vocab.txt"))
     batches = [take(examples_to_tensors(real_splits[d]["train"][:4], tokenizer, 32),
@@ -65,15 +63,15 @@ def test_hrkd_steps_with_the_minilm_teacher_lower_the_loss(real_splits, minilm_d
     config = resolve_config(config_source(None, minilm_dir, "bert_base"), len(tokenizer))
     teacher = BertClassifier(config, 2, num_domains=4)
     load_weights(teacher, minilm_dir)
-    teacher = utils.freeze(teacher)
+    teacher = objectives.freeze(teacher)
     student_config = resolve_config(minilm_dir, len(tokenizer))
     student_config.num_hidden_layers = 2
     student = BertClassifier(student_config, 2, num_domains=4, fit_size=config.hidden_size)
     load_weights(student, minilm_dir, blocks=[1, 2])
     graph = DomainRelationalGraph(3, 4, config.hidden_size).requires_grad_(False)
-    args = argparse.Namespace(hidden_ratio=1.0, pred_ratio=1.0, temperature=1.0,
-                              domain_weighting="graph")
-    compute_loss = make_hrkd_loss([teacher], [[0, 1, 2, 3]], graph, args, None)
+    compute_loss = objectives.make_hrkd_loss([teacher], [[0, 1, 2, 3]],
+                                             objectives.GraphWeighting(graph, False),
+                                             objectives.DistillConfig())
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4)
     losses = []
     for _ in range(6):

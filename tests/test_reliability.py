@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 
+import runtime
+import training
 import utils
 from conftest import ROOT, tiny_teacher_args
 
@@ -192,7 +194,7 @@ def tiny_stage(compute_loss, steps=6):
                 "segment_ids": torch.zeros(16, 8, dtype=torch.long),
                 "attention_mask": torch.ones(16, 8, dtype=torch.long),
                 "labels": torch.randint(0, 2, (16,))}
-    stage = utils.Stage(model=model, domains=["x"], fit_domain="x", train_features={"x": features},
+    stage = training.Stage(model=model, domains=["x"], fit_domain="x", train_features={"x": features},
                         dev_features={"x": features}, head_of={"x": None},
                         compute_loss=compute_loss, checkpoint_meta={})
     import argparse
@@ -219,7 +221,7 @@ def test_non_finite_losses_skip_updates_then_stop_keeping_last_good_checkpoint(t
     args.output_dir = run.path
     run.prepare_for_training(args)
     with pytest.raises(RuntimeError, match="3 consecutive non-finite losses at step 5"):
-        utils.train(args, stage, run, utils.Distributed())
+        training.train(args, stage, run, runtime.Distributed())
     saved = torch.load(run.file("last_checkpoint.pt"), weights_only=True)
     assert saved["train_state"]["global_step"] == 4
     # Steps 3-5 were skipped: the weights are still those after step 2, the best checkpoint's.
@@ -236,15 +238,15 @@ def test_fp16_scaler_skips_overflowing_step():
     torch.manual_seed(0)
     model = BertClassifier(tiny_config(), 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = utils.make_scaler(torch.device("cpu"), "fp16")
-    scheduler = utils.linear_warmup_schedule(optimizer, 10, 0.0)
+    scaler = runtime.make_scaler(torch.device("cpu"), "fp16")
+    scheduler = training.linear_warmup_schedule(optimizer, 10, 0.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss = model.classifier.weight.sum() * 1e38  # finite, but its scaled gradient overflows
-    state = utils.TrainState()
+    state = training.TrainState()
     import argparse
     args = argparse.Namespace(max_grad_norm=1.0, max_nonfinite_steps=3)
-    utils._optimisation_step(args, loss, optimizer, scheduler, scaler,
-                             list(model.parameters()), state, utils.Distributed(), {})
+    training._optimisation_step(args, loss, optimizer, scheduler, scaler,
+                             list(model.parameters()), state, runtime.Distributed(), {})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert scaler.get_scale() < 65536.0
 

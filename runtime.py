@@ -1,0 +1,115 @@
+"""The runtime every stage runs in: seeds, the torchrun / DDP process group, AMP.
+
+* ``Distributed``: LOCAL_RANK / RANK / WORLD_SIZE from torchrun; NCCL on GPU, gloo on CPU;
+  rank 0 writes. ``leave_process_group`` destroys the group on every exit path.
+* ``autocast`` / ``make_scaler``: torch.amp with ``--amp off|bf16|fp16`` (``AMP_DTYPES``).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import os
+import random
+from typing import Dict
+
+import numpy as np
+import torch
+from torch import nn
+
+# --amp values and the dtype each computes in (one map for autocast, scalers and teachers).
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds, devices, distributed
+# --------------------------------------------------------------------------------------------
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Distributed:
+    """torchrun-aware process group; a plain single process when WORLD_SIZE is unset."""
+
+    def __init__(self, timeout_minutes: float = 30.0):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            # A bounded timeout: a rank that dies makes the others fail instead of hanging.
+            torch.distributed.init_process_group(
+                backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.enabled:
+            return model
+        device_ids = [self.local_rank] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def close(self):
+        """Wait for rank 0 (it may still be testing). The group itself is left by
+        ``leave_process_group`` once the stage's models are gone."""
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+def leave_process_group():
+    """Destroy the process group after everything that holds its pending work is freed.
+
+    DDP's reducer and gloo's work objects keep tensors; if they outlive the group into
+    interpreter shutdown, gloo's threads can abort the process ("terminate called without an
+    active exception", SIGABRT) after the run finished its work. So: collect them first, then
+    destroy the group while the interpreter is fully alive, on every exit path."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision
+# --------------------------------------------------------------------------------------------
+def autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, amp: str):
+    """A GradScaler for fp16 only (bf16 has fp32's range)."""
+    return torch.amp.GradScaler(device.type, enabled=(amp == "fp16"))
+
+
+# --------------------------------------------------------------------------------------------
+# Moving batches
+# --------------------------------------------------------------------------------------------
+def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    """On GPU: pinned host memory and asynchronous copies, so the copy overlaps compute."""
+    if device.type != "cuda":
+        return {name: tensor.to(device) for name, tensor in batch.items()}
+    return {name: tensor.pin_memory().to(device, non_blocking=True)
+            for name, tensor in batch.items()}

