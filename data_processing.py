@@ -21,10 +21,12 @@ import math
 import os
 import random
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not to read task facts
+    import torch
 
 import utils
 
@@ -166,7 +168,30 @@ def first_invalid_utf8(path: str) -> str:
     return f"{path}: not UTF-8"
 
 
-class MnliProcessor:
+class Processor:
+    """A data set of several domains: the interface every reader implements.
+
+    Class attributes (the one place each task fact is written; the launchers, report.py and
+    the ``--task`` choices ask for them): ``name``, ``domains`` (in the table's order),
+    ``labels`` (fixed order = label ids), ``fit_domain`` (sets the epoch of the multi-domain
+    stages: the largest domain)."""
+
+    name: str = ""
+    domains: List[str] = []
+    labels: List[str] = []
+    fit_domain: str = ""
+
+    def files(self, data_dir: str, domain: str) -> List[str]:
+        """The files ``domain`` is read from (for the feature cache's key)."""
+        raise NotImplementedError
+
+    def read_splits(self, data_dir: str, domain: str, train_ratio: float = 0.9,
+                    dev_ratio: float = 0.1, data_seed: int = 42) -> Dict[str, List[Example]]:
+        """{'train', 'dev', 'test'}: the domain's examples of each split, in a fixed order."""
+        raise NotImplementedError
+
+
+class MnliProcessor(Processor):
     """MNLI by genre (REFERENCE.md section 2): train/dev from train.tsv, test = dev_matched.tsv."""
 
     name = "mnli"
@@ -175,7 +200,7 @@ class MnliProcessor:
     fit_domain = "telephone"
     GENRE, SENTENCE1, SENTENCE2 = 3, 8, 9
 
-    def files(self, data_dir: str, domain: Optional[str] = None) -> List[str]:
+    def files(self, data_dir: str, domain: str) -> List[str]:
         """The files a genre is read from (every genre shares the two)."""
         return [os.path.join(data_dir, "train.tsv"), os.path.join(data_dir, "dev_matched.tsv")]
 
@@ -214,7 +239,7 @@ class MnliProcessor:
                     dev_ratio: float = 0.1, data_seed: int = 42) -> Dict[str, List[Example]]:
         _check_domain(self, domain)
         _check_ratios(train_ratio, dev_ratio)
-        train_file, test_file = self.files(data_dir)
+        train_file, test_file = self.files(data_dir, domain)
         rows = _cached_read(self._read_tsv, train_file).get(domain, [])
         if not rows:
             raise DataError(f"{train_file}: no examples of genre '{domain}'")
@@ -230,7 +255,7 @@ class MnliProcessor:
         return {"train": train, "dev": dev, "test": test}
 
 
-class AmazonProcessor:
+class AmazonProcessor(Processor):
     """Amazon multi-domain reviews: 2,000 per domain, shuffled once, fixed split counts."""
 
     name = "amazon"
@@ -359,6 +384,7 @@ def feature_cache_key(task: str, data_dir: str, domain: str, tokenizer: WordPiec
 
 def examples_to_tensors(examples: List[Example], tokenizer: WordPieceTokenizer,
                         max_seq_length: int) -> Dict[str, torch.Tensor]:
+    import torch  # here: reading task facts needs no torch
     arrays = tokenizer.encode_pairs([e.text_a for e in examples],
                                     [e.text_b for e in examples], max_seq_length)
     tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
@@ -374,6 +400,7 @@ def load_domain_features(task: str, data_dir: str, domain: str, tokenizer: WordP
 
     With ``dist`` (runtime.Distributed) rank 0 builds and writes the cache while the others wait.
     """
+    import torch  # here: reading task facts needs no torch
     _check_domain(get_processor(task), domain)
     key = feature_cache_key(task, data_dir, domain, tokenizer, max_seq_length, train_ratio,
                             dev_ratio, data_seed) if cache_dir else None
@@ -398,6 +425,7 @@ def load_domain_features(task: str, data_dir: str, domain: str, tokenizer: WordP
 
 def take(features: Dict[str, torch.Tensor], indices) -> Dict[str, torch.Tensor]:
     """Rows ``indices`` of every feature tensor, as int64 (what embeddings and losses take)."""
+    import torch  # here: reading task facts needs no torch
     index = torch.as_tensor(indices, dtype=torch.long)
     return {name: tensor.index_select(0, index).long() for name, tensor in features.items()}
 
@@ -406,6 +434,7 @@ def concat_domain_batches(batches: Sequence[Dict[str, torch.Tensor]],
                           domains: Optional[Sequence[int]] = None):
     """One batch over several domains, the domain id of each row (``domains[i]`` for the rows
     of ``batches[i]``; default 0, 1, ...), and each batch's row count."""
+    import torch  # here: reading task facts needs no torch
     merged = {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
     sizes = [b["labels"].shape[0] for b in batches]
     domains = range(len(batches)) if domains is None else domains
@@ -659,8 +688,31 @@ def generate_sample(out_dir: str, size: str = "small", seed: int = 0,
     return {"mnli": mnli_dir, "amazon": amazon_dir, "vocab": vocab_path}
 
 
+def task_fact(task: str, field: str) -> str:
+    """A task fact as the launchers read it: ``domains`` (space-separated), ``fit_domain``,
+    ``labels``."""
+    processor = get_processor(task)
+    if field not in ("domains", "fit_domain", "labels"):
+        raise ValueError(f"unknown task fact '{field}' (domains, fit_domain or labels)")
+    value = getattr(processor, field)
+    return " ".join(value) if isinstance(value, list) else value
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the synthetic MNLI/Amazon-format sample.")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["fact"]:  # python data_processing.py fact TASK FIELD (the launchers' query)
+        if len(argv) != 3:
+            print("usage: data_processing.py fact TASK domains|fit_domain|labels", file=sys.stderr)
+            return 2
+        try:
+            print(task_fact(argv[1], argv[2]))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
+    parser = argparse.ArgumentParser(description="Write the synthetic MNLI/Amazon-format sample "
+                                                 "(or: fact TASK FIELD, a task fact).")
     parser.add_argument("--out", default="dataset/sample", help="output directory")
     parser.add_argument("--size", default="small", choices=sorted(SAMPLE_SIZES))
     parser.add_argument("--seed", type=int, default=0)

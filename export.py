@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 import torch
 
 import utils
+from utils import best_model_name
 from modeling import (BertClassifier, CheckpointError, find_weights_file, model_from_checkpoint,
                       read_checkpoint, to_hf_name)
 
@@ -40,10 +41,10 @@ def checkpoint_for(source: str, domain: Optional[str]) -> str:
     if not os.path.isdir(source):
         raise FileNotFoundError(f"{source}: no run directory or checkpoint file")
     if domain is not None:
-        per_domain = os.path.join(source, f"best_model_{domain}.bin")
+        per_domain = os.path.join(source, best_model_name(domain))
         if os.path.isfile(per_domain):
             return per_domain
-    return find_weights_file(os.path.join(source, "best_model.bin"))
+    return find_weights_file(os.path.join(source, best_model_name()))
 
 
 def hf_state_dict(model: BertClassifier, head: Optional[int]) -> Dict[str, torch.Tensor]:

@@ -20,9 +20,10 @@ PRED_RATIO=${PRED_RATIO:-1}
 TEMPERATURE=${TEMPERATURE:-1}
 GRAPH_DROPOUT=${GRAPH_DROPOUT:-0.1}
 META_ARGS=${META_ARGS:-"--meta_lr 1e-3 --meta_every 1"}   # used by the meta variants
-# Variants: hrkd (the paper's method), no_hierarchy and no_graph (its ablations), and the
-# graph studies: uniform (w = 1/D), meta (graph learned by a meta-objective on the unweighted
-# distillation loss), meta_gold (the same on the gold labels), trained_graph (--train_graph).
+# Variants (variants.py lists them): hrkd (the paper's method), no_hierarchy and no_graph (its
+# ablations), and the weighting studies: uniform (w = 1/D), meta (graph learned by a
+# meta-objective on the unweighted distillation loss), meta_gold (the same on the gold labels),
+# trained_graph (--train_graph).
 VARIANTS=${VARIANTS:-"hrkd no_hierarchy no_graph"}
 
 # ---- few-shot section: MODE=fewshot (or both) repeats the stage on p% of the training data ---
@@ -30,19 +31,13 @@ MODE=${MODE:-full}                                  # full | fewshot | both
 FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"1 2 5 10 20"}
 # ---------------------------------------------------------------------------------------------
 
-variant_args() {
-  case "$1" in
-    hrkd) echo "--use_graph --hierarchical" ;;
-    no_hierarchy) echo "--use_graph --no_hierarchical" ;;
-    no_graph) echo "--no_use_graph" ;;
-    trained_graph) echo "--use_graph --hierarchical --train_graph" ;;
-    uniform) echo "--domain_weighting uniform" ;;
-    meta) echo "--domain_weighting meta" ;;
-    meta_gold) echo "--domain_weighting meta --meta_objective gold" ;;
-    *) echo "error: unknown variant $1" >&2; return 1 ;;
-  esac
+variant_args() {  # the variant's flags, from variants.py (the one list of stage-4 runs)
+  local python=${PYTHON:-python}
+  if [ "${python}" = echo ]; then python=python3; fi
+  "${python}" variants.py args "$1"
 }
 
+for VARIANT in ${VARIANTS}; do variant_args "${VARIANT}" > /dev/null; done  # unknown: stop now
 BATCH=$(per_process_batch "${TOTAL_BATCH}")
 run_stage() {
   local root=$1 ratio=$2

@@ -22,28 +22,30 @@ per_process_batch() {
   echo $((total / NUM_GPU))
 }
 
-data_dir_of() {
-  case "$1" in
-    mnli) echo "${MNLI_DIR}" ;;
-    amazon) echo "${AMAZON_DIR}" ;;
-    *) echo "error: unknown task $1" >&2; return 1 ;;
-  esac
+# Task facts (domains, fit domain) are written once, in data_processing.py's processors; the
+# launchers ask for them. (Under PYTHON=echo, the dry run, they are still asked from python3.)
+task_fact() {  # TASK FIELD
+  local python=${PYTHON:-python}
+  if [ "${python}" = echo ]; then python=python3; fi
+  "${python}" data_processing.py fact "$1" "$2"
 }
 
+# The data folder of a task: <TASK>_DIR (MNLI_DIR, AMAZON_DIR, ...), else dataset/<task>.
+data_dir_of() {
+  local var
+  var="$(echo "$1" | tr '[:lower:]' '[:upper:]')_DIR"
+  echo "${!var:-dataset/$1}"
+}
+
+# The domains of a task: <TASK>_DOMAINS if set (a subset), else all of the task's domains.
 domains_of() {
-  case "$1" in
-    mnli) echo "${MNLI_DOMAINS}" ;;
-    amazon) echo "${AMAZON_DOMAINS}" ;;
-    *) echo "error: unknown task $1" >&2; return 1 ;;
-  esac
+  local var
+  var="$(echo "$1" | tr '[:lower:]' '[:upper:]')_DOMAINS"
+  if [ -n "${!var:-}" ]; then echo "${!var}"; else task_fact "$1" domains; fi
 }
 
 fit_domain_of() {
-  case "$1" in
-    mnli) echo telephone ;;
-    amazon) echo books ;;
-    *) echo "error: unknown task $1" >&2; return 1 ;;
-  esac
+  task_fact "$1" fit_domain
 }
 
 # Optional flag only when its value is set: opt --vocab_file "$VOCAB_FILE"
@@ -95,8 +97,8 @@ VAL_FREQ=${VAL_FREQ:-50}
 TASKS=${TASKS:-"mnli amazon"}
 MNLI_DIR=${MNLI_DIR:-dataset/MNLI}
 AMAZON_DIR=${AMAZON_DIR:-dataset/amazon}
-MNLI_DOMAINS=${MNLI_DOMAINS:-"fiction government slate telephone travel"}
-AMAZON_DOMAINS=${AMAZON_DOMAINS:-"books dvd electronics kitchen"}
+MNLI_DOMAINS=${MNLI_DOMAINS:-}          # empty: every genre (data_processing.py)
+AMAZON_DOMAINS=${AMAZON_DOMAINS:-}      # empty: every domain
 OUT_ROOT=${OUT_ROOT:-runs}
 VOCAB_FILE=${VOCAB_FILE:-}
 CACHE_DIR=${CACHE_DIR:-}             # tokenized-feature cache; empty: <data folder>/cache
@@ -115,6 +117,10 @@ run_modes() {
     full|both|fewshot) ;;
     *) echo "error: MODE must be full, fewshot or both, got ${MODE}" >&2; return 1 ;;
   esac
+  local task
+  for task in ${TASKS}; do  # an unknown task stops here, not inside a command's arguments
+    task_fact "${task}" domains > /dev/null
+  done
   if [ "${MODE}" != fewshot ]; then
     run_stage "${OUT_ROOT}" 0.9
   fi

@@ -395,6 +395,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read into the model; the message names the file."""
 
 
+# Weight files looked for in a folder: HF's, then this project's best checkpoint
+# (utils.best_model_name(), not imported here: models know nothing of run folders).
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "best_model.bin")
 
 # Our (released HRKD, REFERENCE.md section 6) weight-name prefixes and the Hugging Face ones;

@@ -32,24 +32,20 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from data_processing import PROCESSORS
+from variants import VARIANTS
 
-# (row label, path of its run directories relative to the runs root, per-domain runs?)
+# (row label, path of its run directories relative to the runs root, per-domain runs?); the
+# stage-4 rows come from variants.py, the one list of stage-4 runs.
 METHODS: List[Tuple[str, str, bool]] = [
     ("TF-IDF + logistic regression", "tfidf/{task}/{domain}", True),
     ("Single-domain teacher", "train_domain/{task}/{domain}", True),
     ("Multi-domain teacher", "train_multi_domain/{task}", False),
     ("TinyBERT-KD", "finetune_domain/{task}/{domain}", True),
-    ("Multi-domain KD (no graph)", "finetune_multi_domain/{task}/no_graph", False),
-    ("HRKD (no hierarchy)", "finetune_multi_domain/{task}/no_hierarchy", False),
-    ("HRKD (uniform weights)", "finetune_multi_domain/{task}/uniform", False),
-    ("HRKD (meta graph)", "finetune_multi_domain/{task}/meta", False),
-    ("HRKD (meta graph, gold objective)", "finetune_multi_domain/{task}/meta_gold", False),
-    ("HRKD (trained graph)", "finetune_multi_domain/{task}/trained_graph", False),
-    ("HRKD", "finetune_multi_domain/{task}/hrkd", False),
-]
+] + [(variant.label, f"finetune_multi_domain/{{task}}/{name}", False)
+     for name, variant in VARIANTS.items()]
 # Rows shown even when no run exists (the paper's table); the others only when present.
-PAPER_ROWS = {"Single-domain teacher", "Multi-domain teacher",
-              "TinyBERT-KD", "Multi-domain KD (no graph)", "HRKD (no hierarchy)", "HRKD"}
+PAPER_ROWS = {"Single-domain teacher", "Multi-domain teacher", "TinyBERT-KD"} | {
+    variant.label for variant in VARIANTS.values() if variant.paper}
 
 
 def _test_accuracy(run_dir: str, domain: str) -> Optional[float]:

@@ -1,0 +1,62 @@
+"""The layering promises of the library, checked as a reader would with grep and python -c."""
+import ast
+import glob
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+STAGE_SCRIPTS = {"train_domain", "finetune_domain", "train_multi_domain", "finetune_multi_domain"}
+MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+
+
+def imported_modules(path):
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module.split(".")[0]
+
+
+def test_no_module_or_tool_imports_a_stage_script():
+    for module in MODULES:
+        imports = set(imported_modules(os.path.join(ROOT, module + ".py")))
+        assert not imports & STAGE_SCRIPTS, f"{module}.py imports {imports & STAGE_SCRIPTS}"
+
+
+def test_each_module_imports_alone():
+    """A fresh interpreter per module (all started at once): no import circle, no order
+    dependence."""
+    runs = {module: subprocess.Popen([sys.executable, "-c", f"import {module}"], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for module in MODULES}
+    failures = {}
+    for module, process in runs.items():
+        _, err = process.communicate(timeout=300)
+        if process.returncode:
+            failures[module] = err.strip().splitlines()[-1]
+    assert not failures, failures
+
+
+def test_tools_that_write_text_do_not_import_torch():
+    code = ("import sys, utils, variants, data_processing, download; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_weighting_strategy_has_a_variant():
+    from objectives import WEIGHTINGS
+    from variants import VARIANTS
+    named = {flag.split()[1] for v in VARIANTS.values()
+             for flag in [v.flags[v.flags.find("--domain_weighting"):]] if "--domain_weighting" in v.flags}
+    assert set(WEIGHTINGS) - {"graph"} == named  # graph is the default of every other variant
+
+
+def test_stage_scripts_are_thin():
+    for script in STAGE_SCRIPTS:
+        lines = open(os.path.join(ROOT, script + ".py"), encoding="utf-8").read().count("\n")
+        assert lines <= 150, f"{script}.py has {lines} lines"
