@@ -67,7 +67,7 @@ def fit_domain_baseline(splits, c_grid):
 
 
 def run(args):
-    processor = get_processor(args.task)
+    processor = get_processor(args.task, args.data_dir)
     domains = args.domains or list(processor.domains)
     for domain in domains:
         if domain not in processor.domains:

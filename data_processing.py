@@ -16,7 +16,9 @@ import argparse
 import csv
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import math
 import os
 import random
@@ -328,12 +330,189 @@ class AmazonProcessor(Processor):
                 "test": reviews[n_train + n_dev:]}
 
 
-PROCESSORS = {"mnli": MnliProcessor, "amazon": AmazonProcessor}
+class CustomProcessor(Processor):
+    """Your own domains, no code: a folder with one sub-folder per domain.
+
+        <data_dir>/labels.txt                 optional: the label order, one per line
+        <data_dir>/<domain>/train.<ext>       required
+        <data_dir>/<domain>/dev.<ext>         optional: else --dev_ratio of train (logged)
+        <data_dir>/<domain>/test.<ext>        required
+
+    <ext> is tsv, csv or jsonl (chosen by the extension). TSV/CSV files start with a header;
+    TSV has no quote character (as GLUE), CSV the usual double quotes. Columns / JSON keys:
+    ``text`` (or ``sentence``), optional ``text_pair`` (or ``sentence2``), ``label``. Without
+    labels.txt the labels are the sorted set of every domain's training labels. Domains are the
+    sub-folders (sorted); the fit domain is the largest by training examples.
+    """
+
+    name = "custom"
+    EXTENSIONS = ("tsv", "csv", "jsonl")
+    TEXT, PAIR, LABEL = ("text", "sentence"), ("text_pair", "sentence2"), "label"
+    LABEL_FILE = "labels.txt"
+
+    def __init__(self, data_dir: Optional[str] = None):
+        self.data_dir = data_dir
+        if data_dir is None:
+            return
+        if not os.path.isdir(data_dir):
+            raise DataError(f"{data_dir}: data directory not found")
+        folders = sorted(e for e in os.listdir(data_dir)
+                         if os.path.isdir(os.path.join(data_dir, e)) and not e.startswith(".")
+                         and e != "cache")
+        seen: Dict[str, str] = {}
+        for folder in folders:
+            if folder.lower() in seen:
+                raise DataError(f"{os.path.join(data_dir, folder)}: domain names differ only by "
+                                f"case from '{seen[folder.lower()]}' (rename one)")
+            seen[folder.lower()] = folder
+        if not folders:
+            raise DataError(f"{data_dir}: no domain sub-folders")
+        self.domains = folders
+        self.labels = self._labels()
+        sizes = {d: len(self._rows(d, "train")) for d in self.domains}
+        self.fit_domain = max(self.domains, key=lambda d: (sizes[d], -self.domains.index(d)))
+
+    def split_file(self, domain: str, split: str) -> Optional[str]:
+        folder = os.path.join(self.data_dir, domain)
+        found = [os.path.join(folder, f"{split}.{ext}") for ext in self.EXTENSIONS
+                 if os.path.isfile(os.path.join(folder, f"{split}.{ext}"))]
+        if len(found) > 1:
+            raise DataError(f"{folder}: several {split} files ({', '.join(found)}); keep one")
+        return found[0] if found else None
+
+    def files(self, data_dir: str, domain: str) -> List[str]:
+        found = [self.split_file(domain, split) for split in ("train", "dev", "test")]
+        labels = os.path.join(data_dir, self.LABEL_FILE)
+        return [f for f in found if f] + ([labels] if os.path.isfile(labels) else [])
+
+    def _rows(self, domain: str, split: str) -> List[Tuple[str, Optional[str], str, int]]:
+        """(text, pair, label, line) of a split's file, or [] when it has none."""
+        path = self.split_file(domain, split)
+        if path is None:
+            if split == "dev":
+                return []
+            raise DataError(f"{os.path.join(self.data_dir, domain)}: no {split} file "
+                            f"({split}.tsv, {split}.csv or {split}.jsonl)")
+        rows = _cached_read(read_table, path)
+        if split == "train" and not rows:
+            raise DataError(f"{path}: no examples")
+        return rows
+
+    def _labels(self) -> List[str]:
+        label_file = os.path.join(self.data_dir, self.LABEL_FILE)
+        if os.path.isfile(label_file):
+            with open(label_file, encoding="utf-8") as handle:
+                labels = [line.strip() for line in handle if line.strip()]
+            if len(set(labels)) != len(labels) or len(labels) < 2:
+                raise DataError(f"{label_file}: needs two or more distinct labels, one per line")
+            return labels
+        return sorted({row[2] for d in self.domains for row in self._rows(d, "train")})
+
+    def read_splits(self, data_dir: str, domain: str, train_ratio: float = 0.9,
+                    dev_ratio: float = 0.1, data_seed: int = 42) -> Dict[str, List[Example]]:
+        _check_domain(self, domain)
+        _check_ratios(train_ratio, dev_ratio)
+        label_ids = {label: i for i, label in enumerate(self.labels)}
+        splits = {}
+        for split in ("train", "dev", "test"):
+            path = self.split_file(domain, split)
+            examples = []
+            for text, pair, label, line in self._rows(domain, split):
+                if label not in label_ids:
+                    seen = "in labels.txt" if os.path.isfile(
+                        os.path.join(self.data_dir, self.LABEL_FILE)) else "in any training file"
+                    raise DataError(f"{path}:{line}: label '{label}' is not {seen} "
+                                    f"({', '.join(self.labels)})")
+                examples.append(Example(text, pair, label_ids[label]))
+            splits[split] = examples
+        if not splits["dev"]:
+            # No dev file: a seeded --dev_ratio share of the training rows.
+            train = list(splits["train"])
+            random.Random(data_seed).shuffle(train)
+            count = max(1, round(dev_ratio * len(train)))
+            splits["train"], splits["dev"] = train[:-count], train[-count:]
+            logging.getLogger("hrkd").info(
+                "%s: no dev file; dev = %d of its %d training examples (--dev_ratio %g)",
+                os.path.join(self.data_dir, domain), count, len(train), dev_ratio)
+        keep = max(1, math.floor(len(splits["train"]) * min(train_ratio / 0.9, 1.0)))
+        splits["train"] = splits["train"][:keep]
+        return splits
 
 
-def get_processor(task: str):
+def _first_of(names: Sequence[str], fields: Sequence[str]) -> Optional[str]:
+    return next((n for n in names if n in fields), None)
+
+
+def read_table(path: str) -> List[Tuple[str, Optional[str], str, int]]:
+    """(text, pair, label, line) rows of a TSV, CSV or JSON Lines file (see CustomProcessor)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            if path.endswith(".jsonl"):
+                return _jsonl_rows(path, handle)
+            return _delimited_rows(path, handle)
+    except UnicodeDecodeError:
+        raise DataError(first_invalid_utf8(path)) from None
+
+
+def _columns(path: str, fields: Sequence[str], where: str):
+    text = _first_of(CustomProcessor.TEXT, fields)
+    pair = _first_of(CustomProcessor.PAIR, fields)
+    if text is None or CustomProcessor.LABEL not in fields:
+        missing = "text (or sentence)" if text is None else "label"
+        raise DataError(f"{path}:{where}: no '{missing}' column (found: {', '.join(fields)})")
+    return text, pair
+
+
+def _delimited_rows(path: str, handle):
+    tsv = path.endswith(".tsv")
+    reader = (csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv
+              else csv.reader(handle))
+    header = next(reader, None)
+    if header is None:
+        raise DataError(f"{path}: empty file (a header line is needed)")
+    header = [h.strip() for h in header]
+    text, pair = _columns(path, header, "1")
+    index = {name: i for i, name in enumerate(header)}
+    rows = []
+    for line, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
+        rows.append((row[index[text]], row[index[pair]] if pair else None,
+                     row[index[CustomProcessor.LABEL]].strip(), line))
+    return rows
+
+
+def _jsonl_rows(path: str, handle):
+    rows = []
+    for line, raw in enumerate(handle, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{line}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line}: expected a JSON object per line")
+        text, pair = _columns(path, list(record), str(line))
+        rows.append((str(record[text]), None if pair is None or record[pair] is None
+                     else str(record[pair]), str(record[CustomProcessor.LABEL]).strip(), line))
+    return rows
+
+
+PROCESSORS = {"mnli": MnliProcessor, "amazon": AmazonProcessor, "custom": CustomProcessor}
+
+
+def get_processor(task: str, data_dir: Optional[str] = None) -> Processor:
+    """The task's processor; ``data_dir`` is needed by tasks whose domains live in the data
+    (custom) and ignored by the others."""
     if task not in PROCESSORS:
         raise ValueError(f"unknown task '{task}' (expected one of {', '.join(PROCESSORS)})")
+    if PROCESSORS[task] is CustomProcessor:
+        if data_dir is None:
+            raise ValueError("the custom task needs its data folder (--data_dir)")
+        return CustomProcessor(data_dir)
     return PROCESSORS[task]()
 
 
@@ -370,14 +549,15 @@ def _file_signature(path: str) -> list:
 def feature_cache_key(task: str, data_dir: str, domain: str, tokenizer: WordPieceTokenizer,
                       max_seq_length: int, train_ratio: float, dev_ratio: float,
                       data_seed: int) -> str:
-    files = get_processor(task).files(data_dir, domain)
+    processor = get_processor(task, data_dir)
+    files = processor.files(data_dir, domain)
     with open(tokenizer.vocab_file, "rb") as handle:
         vocab_hash = hashlib.sha1(handle.read()).hexdigest()
     described = {"version": FEATURE_VERSION, "task": task, "domain": domain,
                  "files": [_file_signature(f) for f in files if os.path.exists(f)],
                  "vocab": vocab_hash, "lowercase": tokenizer.lowercase,
                  "max_seq_length": max_seq_length, "train_ratio": train_ratio,
-                 "dev_ratio": dev_ratio, "data_seed": data_seed}
+                 "dev_ratio": dev_ratio, "data_seed": data_seed, "labels": processor.labels}
     digest = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
     return f"{task}_{domain}_{max_seq_length}_{digest}"
 
@@ -392,31 +572,60 @@ def examples_to_tensors(examples: List[Example], tokenizer: WordPieceTokenizer,
     return tensors
 
 
+def _cache_path(task, data_dir, domain, tokenizer, max_seq_length, train_ratio, dev_ratio,
+                data_seed, cache_dir) -> Optional[str]:
+    if not cache_dir:
+        return None
+    key = feature_cache_key(task, data_dir, domain, tokenizer, max_seq_length, train_ratio,
+                            dev_ratio, data_seed)
+    return os.path.join(cache_dir, key + ".pt")
+
+
 def load_domain_features(task: str, data_dir: str, domain: str, tokenizer: WordPieceTokenizer,
                          max_seq_length: int, train_ratio: float = 0.9, dev_ratio: float = 0.1,
                          data_seed: int = 42, cache_dir: Optional[str] = None,
                          dist=None) -> Dict[str, Dict[str, torch.Tensor]]:
-    """Tokenized tensors of every split of one domain, read from / written to the cache.
+    """Tokenized tensors of every split of one domain (see ``load_task_features``)."""
+    return load_task_features(task, data_dir, [domain], tokenizer, max_seq_length, train_ratio,
+                              dev_ratio, data_seed, cache_dir, dist)[domain]
 
-    With ``dist`` (runtime.Distributed) rank 0 builds and writes the cache while the others wait.
+
+def load_task_features(task: str, data_dir: str, domains: Sequence[str],
+                         tokenizer: WordPieceTokenizer, max_seq_length: int,
+                         train_ratio: float = 0.9, dev_ratio: float = 0.1, data_seed: int = 42,
+                         cache_dir: Optional[str] = None,
+                         dist=None) -> Dict[str, Dict[str, Dict[str, torch.Tensor]]]:
+    """{domain: {split: tensors}}, read from / written to the cache.
+
+    Every domain without a cache file is read (and so checked) before any cache file is
+    written: bad data in one domain leaves nothing behind. With ``dist``
+    (runtime.Distributed) rank 0 builds and writes the cache while the others wait.
     """
     import torch  # here: reading task facts needs no torch
-    _check_domain(get_processor(task), domain)
-    key = feature_cache_key(task, data_dir, domain, tokenizer, max_seq_length, train_ratio,
-                            dev_ratio, data_seed) if cache_dir else None
-    path = os.path.join(cache_dir, key + ".pt") if cache_dir else None
+    processor = get_processor(task, data_dir)
+    for domain in domains:
+        _check_domain(processor, domain)
+    paths = {d: _cache_path(task, data_dir, d, tokenizer, max_seq_length, train_ratio,
+                            dev_ratio, data_seed, cache_dir) for d in domains}
     is_main = dist is None or dist.is_main
     if dist is not None and not is_main:
         dist.barrier()
     try:
-        if path and os.path.isfile(path):
-            return torch.load(path, weights_only=True)
-        splits = get_processor(task).read_splits(data_dir, domain, train_ratio, dev_ratio,
-                                                 data_seed)
-        features = {split: examples_to_tensors(examples, tokenizer, max_seq_length)
-                    for split, examples in splits.items()}
-        if path and is_main:
-            utils.atomic_torch_save(features, path)
+        uncached = {d: processor.read_splits(data_dir, d, train_ratio, dev_ratio, data_seed)
+                    for d in domains if not (paths[d] and os.path.isfile(paths[d]))}
+        for domain, splits in uncached.items():
+            for split, examples in splits.items():
+                if not examples:
+                    raise DataError(f"{data_dir}: domain '{domain}' has no {split} examples")
+        features = {}
+        for domain in domains:
+            if domain not in uncached:
+                features[domain] = torch.load(paths[domain], weights_only=True)
+                continue
+            features[domain] = {split: examples_to_tensors(examples, tokenizer, max_seq_length)
+                                for split, examples in uncached[domain].items()}
+            if paths[domain] and is_main:
+                utils.atomic_torch_save(features[domain], paths[domain])
         return features
     finally:
         if dist is not None and is_main:
@@ -688,10 +897,41 @@ def generate_sample(out_dir: str, size: str = "small", seed: int = 0,
     return {"mnli": mnli_dir, "amazon": amazon_dir, "vocab": vocab_path}
 
 
-def task_fact(task: str, field: str) -> str:
+def write_custom_corpus(amazon_dir: str, out_dir: str, extension: str = "tsv",
+                        domains: Optional[Sequence[str]] = None, with_dev: bool = True,
+                        label_names: Optional[Sequence[str]] = None) -> str:
+    """The Amazon-format corpus at ``amazon_dir`` rewritten in the custom format (one folder
+    per domain; train/dev/test.<extension>; labels by name, ``label_names`` instead of
+    negative/positive if given), with the same splits."""
+    if extension not in CustomProcessor.EXTENSIONS:
+        raise ValueError(f"unknown extension '{extension}' "
+                         f"(expected one of {', '.join(CustomProcessor.EXTENSIONS)})")
+    amazon = AmazonProcessor()
+    for domain in domains or amazon.domains:
+        folder = os.path.join(out_dir, domain)
+        os.makedirs(folder, exist_ok=True)
+        splits = amazon.read_splits(amazon_dir, domain)
+        for split, examples in splits.items():
+            if split == "dev" and not with_dev:
+                continue
+            rows = [(e.text_a, (label_names or amazon.labels)[e.label]) for e in examples]
+            path = os.path.join(folder, f"{split}.{extension}")
+            if extension == "jsonl":
+                text = "".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in rows)
+            elif extension == "tsv":
+                text = "text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows)
+            else:
+                buffer = io.StringIO()
+                csv.writer(buffer, lineterminator="\n").writerows([("text", "label"), *rows])
+                text = buffer.getvalue()
+            utils.atomic_write_text(path, text)
+    return out_dir
+
+
+def task_fact(task: str, field: str, data_dir: Optional[str] = None) -> str:
     """A task fact as the launchers read it: ``domains`` (space-separated), ``fit_domain``,
-    ``labels``."""
-    processor = get_processor(task)
+    ``labels`` (``data_dir``: for tasks whose domains are read from the data)."""
+    processor = get_processor(task, data_dir)
     if field not in ("domains", "fit_domain", "labels"):
         raise ValueError(f"unknown task fact '{field}' (domains, fit_domain or labels)")
     value = getattr(processor, field)
@@ -701,12 +941,13 @@ def task_fact(task: str, field: str) -> str:
 def main(argv=None):
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["fact"]:  # python data_processing.py fact TASK FIELD (the launchers' query)
-        if len(argv) != 3:
-            print("usage: data_processing.py fact TASK domains|fit_domain|labels", file=sys.stderr)
+    if argv[:1] == ["fact"]:  # data_processing.py fact TASK FIELD [DATA_DIR] (launchers' query)
+        if len(argv) not in (3, 4):
+            print("usage: data_processing.py fact TASK domains|fit_domain|labels [DATA_DIR]",
+                  file=sys.stderr)
             return 2
         try:
-            print(task_fact(argv[1], argv[2]))
+            print(task_fact(*argv[1:]))
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
@@ -720,8 +961,14 @@ def main(argv=None):
                         help="an Amazon domain or MNLI genre whose labels are flipped")
     parser.add_argument("--flip_prob", type=float, default=0.0,
                         help="probability that a label of --noisy_domain is flipped")
+    parser.add_argument("--custom", choices=CustomProcessor.EXTENSIONS, default=None,
+                        help="also write the Amazon-style corpus in the custom format "
+                             "(<out>/custom/<domain>/{train,dev,test}.<ext>)")
     args = parser.parse_args(argv)
     paths = generate_sample(args.out, args.size, args.seed, args.noisy_domain, args.flip_prob)
+    if args.custom:
+        paths["custom"] = write_custom_corpus(paths["amazon"], os.path.join(args.out, "custom"),
+                                              args.custom)
     print(json.dumps(paths, indent=2))
 
 

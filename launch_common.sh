@@ -27,7 +27,7 @@ per_process_batch() {
 task_fact() {  # TASK FIELD
   local python=${PYTHON:-python}
   if [ "${python}" = echo ]; then python=python3; fi
-  "${python}" data_processing.py fact "$1" "$2"
+  "${python}" data_processing.py fact "$1" "$2" "$(data_dir_of "$1")"
 }
 
 # The data folder of a task: <TASK>_DIR (MNLI_DIR, AMAZON_DIR, ...), else dataset/<task>.

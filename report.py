@@ -65,9 +65,22 @@ def seed_dirs(pattern_dir: str) -> List[str]:
     return sorted(glob.glob(os.path.join(pattern_dir, "seed*")))
 
 
+def task_domains(root: str, task: str) -> List[str]:
+    """The task's domains: the processor's, or for data that names its own domains (custom)
+    those recorded in the config.json of the first multi-domain run found under ``root``."""
+    if PROCESSORS[task].domains:
+        return list(PROCESSORS[task].domains)
+    for path in sorted(glob.glob(os.path.join(root, "**", "config.json"), recursive=True)):
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        if config.get("args", {}).get("task") == task and len(config.get("domains", [])) > 1:
+            return list(config["domains"])
+    return []
+
+
 def collect(root: str, task: str) -> Dict[str, Dict[str, List[float]]]:
     """{method: {domain: [accuracy of each seed]}} for every method with at least one run."""
-    domains = PROCESSORS[task].domains
+    domains = task_domains(root, task)
     table: Dict[str, Dict[str, List[float]]] = {}
     for label, template, per_domain in METHODS:
         cells: Dict[str, List[float]] = {}
@@ -127,7 +140,7 @@ def fewshot_table(root: str, task: str):
                         key=lambda p: float(re.sub(r"[^0-9.]", "", os.path.basename(p)) or 0))
     if not ratio_dirs:
         return None
-    domains = PROCESSORS[task].domains
+    domains = task_domains(root, task)
     tables = {os.path.basename(p): collect(p, task) for p in ratio_dirs}
     methods = [label for label, _, _ in METHODS
                if any(any(t.get(label, {}).get(d) for d in domains) for t in tables.values())]
@@ -191,7 +204,7 @@ def weight_summary(run_dir: str, domains: List[str]) -> Optional[Tuple[list, lis
 
 def study_table(root: str, task: str, unreliable: str):
     """Per stage-4 run: the weight it gave the unreliable domain, and test accuracy elsewhere."""
-    domains = PROCESSORS[task].domains
+    domains = task_domains(root, task)
     index = domains.index(unreliable)
     others = [d for d in domains if d != unreliable]
     header = (["Run", f"w[{unreliable}] mean", f"w[{unreliable}] last", "1/D"]
@@ -218,7 +231,7 @@ def study_table(root: str, task: str, unreliable: str):
 def report(root: str, out_dir: str, tasks: List[str]) -> str:
     printed = []
     for task in tasks:
-        domains = PROCESSORS[task].domains
+        domains = task_domains(root, task)
         table = collect(root, task)
         if not any(any(cells.values()) for cells in table.values()):
             continue
@@ -265,7 +278,7 @@ def main(argv=None) -> int:
     text = report(args.runs, out_dir, args.tasks)
     if args.study_domain:
         for task in args.tasks:
-            if args.study_domain in PROCESSORS[task].domains:
+            if args.study_domain in task_domains(args.runs, task):
                 header, rows = study_table(args.runs, task, args.study_domain)
                 text += "\n" + write_table(out_dir, f"study_{task}", header, rows,
                                            f"{task}: the unreliable domain "

@@ -207,12 +207,11 @@ def default_vocab(args, init_path: Optional[str]) -> str:
 # --------------------------------------------------------------------------------------------
 def load_features(args, domains: Sequence[str], tokenizer, dist: Distributed):
     """{domain: {split: tensors}} for the stage's domains (cached on disk)."""
-    from data_processing import load_domain_features
+    from data_processing import load_task_features
     cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
-    features = {domain: load_domain_features(args.task, args.data_dir, domain, tokenizer,
-                                             args.max_seq_length, args.train_ratio,
-                                             args.dev_ratio, args.data_seed, cache_dir, dist)
-                for domain in domains}
+    features = load_task_features(args.task, args.data_dir, domains, tokenizer,
+                                  args.max_seq_length, args.train_ratio, args.dev_ratio,
+                                  args.data_seed, cache_dir, dist)
     for domain, splits in features.items():
         for split, tensors in splits.items():
             if tensors["labels"].shape[0] == 0:
@@ -263,20 +262,22 @@ def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
     Single-domain stages train --domain with one head; multi-domain stages train every domain
     of the task, one head each, with --domain as the fit domain. Nothing is written yet: the
     data is tokenized on first use of ``context.features`` (after the models are built)."""
-    from data_processing import get_processor
+    from data_processing import WordPieceTokenizer, get_processor
     validate_common_args(args)
     resolve_checkpoint_flags(args)
-    processor = get_processor(args.task)
+    processor = get_processor(args.task, args.data_dir)
     if args.domain not in processor.domains:
         raise ValueError(f"unknown {args.task} domain '{args.domain}' "
                          f"(expected one of {', '.join(processor.domains)})")
+    if multi_domain and len(processor.domains) < 2:
+        raise ValueError(f"{args.data_dir}: the multi-domain stages need two or more domains, "
+                         f"found {len(processor.domains)} ({', '.join(processor.domains)})")
     dist = Distributed()
     setup_logging(main=dist.is_main)
     set_seed(args.seed)
     domains = list(processor.domains) if multi_domain else [args.domain]
     head_of = ({d: i for i, d in enumerate(domains)} if multi_domain else {args.domain: None})
     vocab_file = vocab_file_of(args)
-    from data_processing import WordPieceTokenizer
     tokenizer = WordPieceTokenizer(vocab_file, lowercase=args.lowercase)
     return StageContext(args, dist, list(processor.labels), domains, head_of, tokenizer,
                         vocab_file, RunDir(args.output_dir, dist.is_main))
@@ -288,7 +289,9 @@ def train_stage(context: StageContext, model: nn.Module, compute_loss, stage_nam
     behind) and run the loop."""
     args, run = context.args, context.run_dir
     features = context.features  # bad data stops the run before its directory is made
-    run.prepare_for_training(args, context.dist)
+    # The label names and domains go into config.json too: exports and predictions of runs on
+    # your own data (whose labels are read from it) name the same labels.
+    run.prepare_for_training(args, context.dist, labels=context.labels, domains=context.domains)
     setup_logging(run.file("train.log"), context.dist.is_main)
     copy_vocab(context.vocab_file, run)
     meta = {"task": args.task, "domains": context.domains, "labels": context.labels,

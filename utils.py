@@ -159,7 +159,7 @@ class RunDir:
     def best_model(self, domain: Optional[str] = None) -> str:
         return self.file(best_model_name(domain))
 
-    def prepare_for_training(self, args, dist=None) -> None:
+    def prepare_for_training(self, args, dist=None, **facts) -> None:
         """Create the directory; an existing run is only reused with --resume or --overwrite.
 
         Every rank checks before rank 0 creates anything, so they all decide alike."""
@@ -177,7 +177,7 @@ class RunDir:
         if exists and args.overwrite:
             shutil.rmtree(self.path)
         os.makedirs(self.path, exist_ok=True)
-        config = {"args": vars(args), "git_commit": git_commit(), "command": sys.argv,
+        config = {"args": vars(args), **facts, "git_commit": git_commit(), "command": sys.argv,
                   "started": datetime.datetime.now().isoformat(timespec="seconds")}
         name = "config_resumed.json" if args.resume else self.CONFIG
         atomic_write_json(self.file(name), config)
