@@ -35,10 +35,12 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
     data.add_argument("--data_dir", required=True,
                       help="MNLI: the folder of train.tsv/dev_matched.tsv; Amazon: the folder "
                            "of the domain folders")
-    data.add_argument("--domain", required=True,
-                      help="stages 1-2: the domain to train on; stages 3-4: the fit domain, whose "
-                           "data sets the epoch (ceil(n_fit / batch) steps) while the other "
-                           "domains cycle (books for Amazon, telephone for MNLI)")
+    data.add_argument("--domain", required=True, nargs="+",
+                      help="stages 1-2: the domain(s) to train on, one run each in this process "
+                           "(several: put {domain} in --output_dir and --teacher_dir); stages "
+                           "3-4: the fit domain, whose data sets the epoch (ceil(n_fit / batch) "
+                           "steps) while the other domains cycle (books for Amazon, telephone "
+                           "for MNLI)")
     data.add_argument("--vocab_file", default=None,
                       help="default: vocab.txt next to the initial checkpoint")
     data.add_argument("--max_seq_length", type=int, default=128)
@@ -313,10 +315,50 @@ def finish_stage(context: StageContext):
     context.dist.close()
 
 
+# Paths of a per-domain stage that name each domain's run when one process trains several.
+DOMAIN_PATH_FLAGS = ("output_dir", "teacher_dir")
+
+
+def runs_per_domain(args, per_domain: bool) -> List[argparse.Namespace]:
+    """One namespace per --domain. Several domains (stages 1-2 only) need {domain} in
+    --output_dir (and in --teacher_dir when given), checked before anything runs."""
+    domains = args.domain
+    if not per_domain or len(domains) == 1:
+        if len(domains) > 1:
+            raise ValueError(f"--domain is the fit domain here: give one, got {len(domains)}")
+        single = argparse.Namespace(**vars(args))
+        single.domain = domains[0]
+        for flag in DOMAIN_PATH_FLAGS:
+            if "{domain}" in (getattr(single, flag, None) or ""):
+                setattr(single, flag, getattr(single, flag).replace("{domain}", single.domain))
+        return [single]
+    for flag in DOMAIN_PATH_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None and "{domain}" not in value:
+            raise ValueError(f"--{flag} must contain {{domain}} when several domains are given")
+    if len(set(domains)) != len(domains):
+        raise ValueError(f"--domain lists a domain twice ({' '.join(domains)})")
+    runs = []
+    for domain in domains:
+        one = argparse.Namespace(**vars(args))
+        one.domain = domain
+        for flag in DOMAIN_PATH_FLAGS:
+            if getattr(one, flag, None) is not None:
+                setattr(one, flag, getattr(one, flag).replace("{domain}", domain))
+        runs.append(one)
+    return runs
+
+
 def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
-               run: Callable[[argparse.Namespace], None], argv=None) -> int:
+               run: Callable[[argparse.Namespace], None], argv=None,
+               per_domain: bool = False) -> int:
+    """The entry point: parse, then run once per domain (stages 1-2 may take several, saving a
+    process start and the imports per domain), stopping at the first failure."""
     args = build_parser().parse_args(argv)
     try:
-        return main_guard(lambda: run(args))
+        def run_all():
+            for one in runs_per_domain(args, per_domain):
+                run(one)
+        return main_guard(run_all)
     finally:
         leave_process_group()

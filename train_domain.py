@@ -35,7 +35,7 @@ def run(args):
 
 
 def main(argv=None) -> int:
-    return stages.stage_main(build_parser, run, argv)
+    return stages.stage_main(build_parser, run, argv, per_domain=True)
 
 
 if __name__ == "__main__":

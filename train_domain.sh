@@ -21,16 +21,14 @@ FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"1 2 5 10 20"}
 # ---------------------------------------------------------------------------------------------
 
 BATCH=$(per_process_batch "${TOTAL_BATCH}")
-run_stage() {
+run_stage() {  # every domain of a task in one process (one start-up, one torch import)
   local root=$1 ratio=$2
   for TASK in ${TASKS}; do
-    for DOMAIN in $(domains_of "${TASK}"); do
-      for SEED in ${SEEDS}; do
-        # shellcheck disable=SC2046
-        $(launcher) train_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
-          --domain "${DOMAIN}" $(teacher_args) $(common_args "${ratio}" "${SEED}") \
-          --output_dir "${root}/train_domain/${TASK}/${DOMAIN}/seed${SEED}"
-      done
+    for SEED in ${SEEDS}; do
+      # shellcheck disable=SC2046
+      $(launcher) train_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
+        --domain $(domains_of "${TASK}") $(teacher_args) $(common_args "${ratio}" "${SEED}") \
+        --output_dir "${root}/train_domain/${TASK}/{domain}/seed${SEED}"
     done
   done
 }

@@ -7,6 +7,7 @@ import torch
 
 import finetune_domain
 import train_domain
+from conftest import tiny_teacher_args
 from modeling import model_from_checkpoint
 
 COMMON = ["--task", "amazon", "--max_seq_length", "32", "--batch_size", "8",
@@ -75,3 +76,30 @@ def test_bad_flag_values_fail_before_writing(sample, tmp_path, capsys):
                                          "512")) == 1
     assert "max_position_embeddings" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_several_domains_in_one_process_equal_separate_runs(sample, tmp_path):
+    """Stages 1-2 train each --domain in turn in one process (the launchers save a start-up per
+    domain); each run is the one a process of its own makes."""
+    import json
+    import torch
+    together = tiny_teacher_args(sample, tmp_path / "together" / "{domain}", 3, "--do_train",
+                                 "--do_test")
+    together[together.index("--domain") + 1: together.index("--domain") + 2] = ["books", "dvd"]
+    assert train_domain.main(together) == 0
+    for domain in ("books", "dvd"):
+        alone = tiny_teacher_args(sample, tmp_path / "alone" / domain, 3, "--do_train",
+                                  "--do_test", domain=domain)
+        assert train_domain.main(alone) == 0
+        read = lambda kind: json.load(open(tmp_path / kind / domain / "results.json"))
+        assert read("together") == read("alone")
+        weights = [torch.load(tmp_path / kind / domain / "best_model.bin",
+                              weights_only=True)["state_dict"] for kind in ("together", "alone")]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_several_domains_need_a_domain_placeholder(sample, tmp_path):
+    args = tiny_teacher_args(sample, tmp_path / "run", 2, "--do_train")
+    args[args.index("--domain") + 1: args.index("--domain") + 2] = ["books", "dvd"]
+    assert train_domain.main(args) == 1
+    assert not (tmp_path / "run").exists()
