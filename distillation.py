@@ -70,7 +70,9 @@ def frozen_teacher_outputs(teacher, input_ids, segment_ids, attention_mask, doma
     The values are those of a plain forward pass.
     """
     mapped = teacher_layer_for(student_layers, teacher.config.num_hidden_layers)
-    with torch.inference_mode():
+    # torch.compile cannot trace inference mode; no_grad gives the same values there.
+    frozen = torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
+    with frozen:
         out = teacher(input_ids, segment_ids, attention_mask, domain=domain,
                       score_layers=[j - 1 for j in mapped])
     kept = {0, *mapped}
