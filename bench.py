@@ -12,7 +12,11 @@ Weights are random (speed does not depend on them). Writes JSON to stdout or --o
 
     python bench.py --preset tiny                    # demo sizes, seconds
     python bench.py --preset paper --device cpu      # BERT-base x 5 domains -> TinyBERT 4L-312
-    python bench.py --preset paper --device cuda --amp bf16
+    python bench.py --preset real                    # MiniLM x 4 domains -> 2 layers, width 384
+    python bench.py --preset paper --device cuda --amp bf16 --compile
+Each training case also reports GFLOP per step (torch.utils.flop_counter), achieved GFLOP/s and
+its fraction of this machine's dense matmul rate measured in the same run, and the spread of
+its step times (interquartile range / median).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import objectives
 from objectives import (DistillConfig, GraphWeighting, cross_entropy_loss, make_hrkd_loss,
                         make_kd_loss, make_multi_domain_ce)
 import runtime
+import stages
 import training
 import utils
 from distillation import DomainRelationalGraph, domain_prototypes, hrkd_loss
@@ -40,6 +45,9 @@ PRESETS = {
                  vocab=250),
     "paper": dict(teacher="bert_base", student="tinybert_4l_312", seq_len=128, batch=8, domains=5,
                   vocab=30522),
+    # The real-data configuration: all-MiniLM-L6-v2 teachers, 2-layer students of width 384.
+    "real": dict(teacher="minilm_6l_384", student="minilm_2l_384", seq_len=128, batch=8,
+                 domains=4, vocab=30522),
 }
 
 
@@ -77,7 +85,32 @@ def time_steps(step, steps: int, warmup: int, device) -> dict:
         synchronize(device)
         if index >= warmup:
             durations.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(durations), "peak_memory_mb": peak_memory_mb(device)}
+    quartiles = statistics.quantiles(durations, n=4) if len(durations) > 1 else durations * 3
+    median = statistics.median(durations)
+    return {"median_s": median, "steps": len(durations),
+            # Interquartile range over the median: how far repeated steps disagree.
+            "spread_pct": 100 * (quartiles[2] - quartiles[0]) / median,
+            "peak_memory_mb": peak_memory_mb(device)}
+
+
+def step_flops(step) -> int:
+    """Floating-point operations of one call of ``step`` (matrix products and attention, forward
+    and backward, as torch.utils.flop_counter counts them; element-wise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_rate(device, amp: str, size: int = 2048, repeats: int = 10) -> float:
+    """This machine's dense matrix-multiply rate (GFLOP/s) in the run's precision: the
+    arithmetic limit the training steps are compared with."""
+    dtype = runtime.AMP_DTYPES.get(amp, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    timing = time_steps(lambda: a @ b, repeats, 2, device)
+    return 2 * size ** 3 / timing["median_s"] / 1e9
 
 
 def training_step(model, extra, compute_loss, batches, device, amp):
@@ -130,13 +163,22 @@ def run_benchmarks(args) -> dict:
                "device_name": (torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
                "train_step": {}, "inference": {}}
 
+    results["matmul_gflop_per_s"] = matmul_rate(device, args.amp)
+    print(f"matmul rate (the arithmetic limit): {results['matmul_gflop_per_s']:.0f} GFLOP/s",
+          file=sys.stderr)
+
     def record(name, step, examples):
+        flops = step_flops(step)  # also a warm-up call
         timing = time_steps(step, args.steps, args.warmup, device)
         timing["examples_per_s"] = examples / timing["median_s"]
+        timing["gflop_per_step"] = flops / 1e9
+        timing["gflop_per_s"] = flops / 1e9 / timing["median_s"]
+        timing["fraction_of_matmul_rate"] = timing["gflop_per_s"] / results["matmul_gflop_per_s"]
         results["train_step"][name] = timing
-        print(f"{name:28s} {timing['median_s'] * 1000:9.1f} ms/step "
-              f"{timing['examples_per_s']:9.1f} ex/s  peak {timing['peak_memory_mb']:8.0f} MB",
-              file=sys.stderr)
+        print(f"{name:28s} {timing['median_s'] * 1000:9.1f} ms/step (spread "
+              f"{timing['spread_pct']:4.1f}%) {timing['examples_per_s']:9.1f} ex/s "
+              f"{timing['gflop_per_s']:7.1f} GFLOP/s ({100 * timing['fraction_of_matmul_rate']:.0f}% "
+              f"of matmul) peak {timing['peak_memory_mb']:6.0f} MB", file=sys.stderr)
 
     if "train" in args.cases.split(","):
         train_benchmarks(args, device, teacher_config, student_config, batches, record, results)
@@ -175,6 +217,13 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
                                         make_hrkd_loss(teachers, [[d] for d in range(domains)],
                                                        GraphWeighting(graph, False), loss_args),
                                         batches, device, args.amp), args.batch * domains)
+    if args.compile:
+        record("stage4_hrkd_compiled",
+               training_step(student, {"graph": graph}, stages.compiled(
+                   make_hrkd_loss(teachers, [[d] for d in range(domains)],
+                                  GraphWeighting(graph, False), loss_args),
+                   args.compile_backend, args.compile_mode), batches, device, args.amp),
+               args.batch * domains)
     plain_teachers = teachers
     if args.straightforward_amp != args.amp:  # plain teachers, as the straightforward code has
         plain_teachers = [objectives.freeze(BertClassifier(teacher_config, 3, num_domains=domains)
@@ -194,6 +243,12 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
         steps["stage4_hrkd"]["examples_per_s"] / steps["stage4_hrkd_straightforward"]["examples_per_s"])
     print(f"HRKD step vs straightforward: {results['hrkd_speedup_vs_straightforward']:.2f}x",
           file=sys.stderr)
+    if "stage4_hrkd_compiled" in steps:
+        results["compiled_hrkd_speedup_vs_straightforward"] = (
+            steps["stage4_hrkd_compiled"]["examples_per_s"]
+            / steps["stage4_hrkd_straightforward"]["examples_per_s"])
+        print(f"compiled HRKD step vs straightforward: "
+              f"{results['compiled_hrkd_speedup_vs_straightforward']:.2f}x", file=sys.stderr)
 
 
 def profile_step(step, device, top: int = 12) -> dict:
@@ -258,6 +313,10 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the HRKD step under torch.compile (stage4_hrkd_compiled)")
+    parser.add_argument("--compile_backend", default="inductor")
+    parser.add_argument("--compile_mode", default=None, help="e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument("--profile", action="store_true",
                         help="profile one HRKD step (operators, kernel launches)")
     parser.add_argument("--cases", default="train,inference",

@@ -2,8 +2,9 @@
 # The GPU checks in one script (run on a CUDA machine from the repository root):
 #   1. every stage trains a few steps on the generated sample with bf16 (fp16 for stage 4 too),
 #      then tests, through the real scripts;
-#   2. bench.py at the demo and the paper sizes, fp32 and bf16 (the straightforward HRKD step
-#      always fp32), JSON into $OUT (default bench_out/).
+#   2. bench.py at the demo, real (MiniLM) and paper sizes, fp32 and bf16 (the straightforward
+#      HRKD step always fp32), the compiled HRKD step (--compile, CUDA graphs) and the one-GPU
+#      paper batch (32 per domain), JSON into $OUT (default bench_out/).
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-bench_out}
@@ -37,3 +38,9 @@ ${PY} bench.py --preset tiny --device cuda --amp bf16 --steps 20 --warmup 5 --ou
 ${PY} bench.py --preset paper --device cuda --amp off --steps 10 --warmup 3 --out "${OUT}/gpu_paper_fp32.json"
 ${PY} bench.py --preset paper --device cuda --amp bf16 --steps 10 --warmup 3 --profile \
   --out "${OUT}/gpu_paper_bf16.json"
+${PY} bench.py --preset real --device cuda --amp bf16 --steps 20 --warmup 5 --compile \
+  --out "${OUT}/gpu_real_bf16.json"
+${PY} bench.py --preset paper --device cuda --amp bf16 --steps 10 --warmup 5 --compile \
+  --compile_mode reduce-overhead --cases train --out "${OUT}/gpu_paper_bf16_compiled.json"
+${PY} bench.py --preset paper --device cuda --amp bf16 --batch 32 --steps 10 --warmup 5 \
+  --compile --compile_mode reduce-overhead --cases train --out "${OUT}/gpu_paper_bf16_b32.json"

@@ -104,6 +104,11 @@ PRESETS: Dict[str, dict] = {
                                intermediate_size=1200),
     "tinybert_6l_768": _preset(hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
                                intermediate_size=3072),
+    # all-MiniLM-L6-v2's sizes, and the real configuration's 2-layer student (bench.py).
+    "minilm_6l_384": _preset(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                             intermediate_size=1536),
+    "minilm_2l_384": _preset(hidden_size=384, num_hidden_layers=2, num_attention_heads=12,
+                             intermediate_size=1536),
     # Demo / test sizes: same head count for teacher and student, as attention distillation needs.
     "tiny_teacher": _preset(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                             intermediate_size=128, max_position_embeddings=128),
