@@ -164,6 +164,31 @@ class GraphAttentionNetwork(nn.Module):
         return self.out_att(x).squeeze(-1)                                  # (N,)
 
 
+def compare_aggregate(prototypes, level: int, reference_matrix, compare_matrices):
+    """The hierarchical compare-aggregate of ``level``: each domain's mix of its prototypes of
+    levels 0..level, and the attention over them.
+
+    R = softmax_rows(P_l A P_l^T) P_l; s[d, k] = P[k, d] C_d R[d]; a = softmax_k(s).
+    ``reference_matrix`` is A (H, H), ``compare_matrices`` the C_d (D, H, H)."""
+    current = prototypes[level]                                               # (D, H)
+    affinity = torch.softmax(current @ reference_matrix @ current.T, dim=-1)
+    reference = affinity @ current                                            # (D, H)
+    below = prototypes[:level + 1].transpose(0, 1)                            # (D, l+1, H)
+    compared = torch.einsum("dkh,dhg,dg->dk", below, compare_matrices, reference)
+    attention = torch.softmax(compared, dim=-1)                               # (D, l+1)
+    return torch.einsum("dk,dkh->dh", attention, below), attention
+
+
+def _hierarchy_parameters(module: nn.Module, levels: int, num_domains: int, width: int):
+    """``w_attn_1`` (levels, H, H) and ``w_attn_2`` (levels, D, H, H), Xavier gain 1.414."""
+    module.w_attn_1 = nn.Parameter(torch.empty(levels, width, width))
+    module.w_attn_2 = nn.Parameter(torch.empty(levels, num_domains, width, width))
+    for level in range(levels):
+        nn.init.xavier_uniform_(module.w_attn_1.data[level], gain=XAVIER_GAIN)
+        for domain in range(num_domains):
+            nn.init.xavier_uniform_(module.w_attn_2.data[level, domain], gain=XAVIER_GAIN)
+
+
 class DomainRelationalGraph(nn.Module):
     """Prototypes P (levels, D, H) -> domain weights w (levels, D), each level summing to 1.
 
@@ -179,23 +204,11 @@ class DomainRelationalGraph(nn.Module):
         self.levels, self.num_domains, self.hierarchical = levels, num_domains, hierarchical
         self.all_gnn = nn.ModuleList(GraphAttentionNetwork(width, heads, dropout)
                                      for _ in range(levels))
-        self.w_attn_1 = nn.Parameter(torch.empty(levels, width, width))
-        self.w_attn_2 = nn.Parameter(torch.empty(levels, num_domains, width, width))
-        for level in range(levels):
-            nn.init.xavier_uniform_(self.w_attn_1.data[level], gain=XAVIER_GAIN)
-            for domain in range(num_domains):
-                nn.init.xavier_uniform_(self.w_attn_2.data[level, domain], gain=XAVIER_GAIN)
+        _hierarchy_parameters(self, levels, num_domains, width)
 
     def compare_aggregate(self, prototypes, level: int):
         """Graph input of ``level`` and the attention over levels 0..level of each domain."""
-        current = prototypes[level]                                           # (D, H)
-        affinity = torch.softmax(current @ self.w_attn_1[level] @ current.T, dim=-1)
-        reference = affinity @ current                                        # (D, H)
-        below = prototypes[:level + 1].transpose(0, 1)                        # (D, l+1, H)
-        # s[d, k] = P[k, d] C_{l,d} R[d]
-        compared = torch.einsum("dkh,dhg,dg->dk", below, self.w_attn_2[level], reference)
-        attention = torch.softmax(compared, dim=-1)                           # (D, l+1)
-        return torch.einsum("dk,dkh->dh", attention, below), attention
+        return compare_aggregate(prototypes, level, self.w_attn_1[level], self.w_attn_2[level])
 
     def forward(self, prototypes):
         """Returns (weights (levels, D), list of per-level hierarchical attentions or None)."""
@@ -205,6 +218,45 @@ class DomainRelationalGraph(nn.Module):
             if self.hierarchical and level > 0:
                 graph_input, attention = self.compare_aggregate(prototypes, level)
             weights.append(torch.softmax(self.all_gnn[level](graph_input), dim=0))
+            hierarchy.append(attention)
+        return torch.stack(weights), hierarchy
+
+
+class DomainScorer(nn.Module):
+    """Prototypes P (levels, D, H) -> domain weights w (levels, D) from each domain's OWN score.
+
+    s[l, d] = u_l . P[l, d] / ||P[l, d]|| + b[l, d]   (the hierarchical mix in place of P[l, d]
+    for levels >= 1 when ``hierarchical``); w[l] = (1 - floor) softmax(s[l] / temperature)
+    + floor / D. Unlike the released graph, no score is an average over the other domains, so
+    the weights can single a domain out; ``floor`` keeps every domain above floor / D so none
+    takes all the weight by accident. u and b start at 0: the weights start exactly uniform.
+    """
+
+    def __init__(self, levels: int, num_domains: int, width: int, hierarchical: bool = True,
+                 temperature: float = 1.0, floor: float = 0.25):
+        super().__init__()
+        if temperature <= 0 or not 0.0 <= floor < 1.0:
+            raise ValueError(f"scorer temperature must be positive and floor in [0, 1), got "
+                             f"{temperature} and {floor}")
+        self.levels, self.num_domains, self.hierarchical = levels, num_domains, hierarchical
+        self.temperature, self.floor = temperature, floor
+        self.direction = nn.Parameter(torch.zeros(levels, width))
+        self.logits = nn.Parameter(torch.zeros(levels, num_domains))
+        if hierarchical:
+            _hierarchy_parameters(self, levels, num_domains, width)
+
+    def forward(self, prototypes):
+        """Returns (weights (levels, D), list of per-level hierarchical attentions or None)."""
+        weights, hierarchy = [], []
+        for level in range(self.levels):
+            scored, attention = prototypes[level], None
+            if self.hierarchical and level > 0:
+                scored, attention = compare_aggregate(prototypes, level, self.w_attn_1[level],
+                                                      self.w_attn_2[level])
+            unit = scored / scored.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            score = unit @ self.direction[level] + self.logits[level]
+            soft = torch.softmax(score / self.temperature, dim=0)
+            weights.append((1.0 - self.floor) * soft + self.floor / self.num_domains)
             hierarchy.append(attention)
         return torch.stack(weights), hierarchy
 

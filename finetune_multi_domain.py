@@ -29,9 +29,9 @@ import os
 import sys
 
 import stages
-from objectives import (WEIGHTINGS, DistillConfig, GraphConfig, MetaConfig, WeightingSetup,
-                        WeightRecorder, build_student, build_weighting, load_teachers,
-                        make_hrkd_loss, teacher_checkpoints)
+from objectives import (WEIGHTINGS, DistillConfig, GraphConfig, MetaConfig, ScorerConfig,
+                        WeightingSetup, WeightRecorder, build_student, build_weighting,
+                        load_teachers, make_hrkd_loss, teacher_checkpoints)
 from utils import logger
 
 
@@ -50,8 +50,14 @@ def build_parser():
     graph.add_argument("--graph_heads", type=int, default=8)
     graph.add_argument("--domain_weighting", choices=list(WEIGHTINGS), default="graph",
                        help="graph: the released graph's weights; uniform: every w = 1/D (the "
-                            "control); meta: the graph learned by one-step lookahead")
-    meta = parser.add_argument_group("meta-learned weighting (--domain_weighting meta)")
+                            "control); meta: the graph learned by one-step lookahead; "
+                            "meta_scorer: a per-domain scorer learned the same way")
+    graph.add_argument("--scorer_temperature", type=float, default=1.0,
+                       help="meta_scorer: softmax temperature of the domain scores")
+    graph.add_argument("--scorer_floor", type=float, default=0.25,
+                       help="meta_scorer: every domain keeps at least floor / D of each level")
+    meta = parser.add_argument_group("meta-learned weighting (--domain_weighting meta, "
+                                     "meta_scorer)")
     meta.add_argument("--meta_lr", type=float, default=1e-3, help="Adam rate of the graph")
     meta.add_argument("--meta_every", type=int, default=1,
                       help="a meta step every N training steps (cost control)")
@@ -71,9 +77,12 @@ def validate_args(args):
     if args.domain_weighting != "graph" and not args.use_graph:
         raise ValueError(f"--domain_weighting {args.domain_weighting} replaces the graph's "
                          f"weights; it cannot be combined with --no_use_graph")
-    if args.domain_weighting == "meta" and args.train_graph:
-        raise ValueError("--domain_weighting meta learns the graph by its meta-objective; "
-                         "drop --train_graph (which would also step it on the weighted loss)")
+    if args.domain_weighting.startswith("meta") and args.train_graph:
+        raise ValueError(f"--domain_weighting {args.domain_weighting} learns its weights by the "
+                         f"meta-objective; drop --train_graph (which would also step them on "
+                         f"the weighted loss)")
+    if args.scorer_temperature <= 0 or not 0.0 <= args.scorer_floor < 1.0:
+        raise ValueError("--scorer_temperature must be positive and --scorer_floor in [0, 1)")
     if args.meta_every <= 0 or args.meta_lr <= 0:
         raise ValueError("--meta_every and --meta_lr must be positive")
 
@@ -97,7 +106,8 @@ def run(args):
             weighting = build_weighting(args.domain_weighting, WeightingSetup(
                 levels=student.config.num_hidden_layers + 1, domains=domains,
                 width=teacher_config.hidden_size, graph=GraphConfig.from_args(args),
-                distill=distill, meta=MetaConfig.from_args(args), teachers=teachers,
+                distill=distill, meta=MetaConfig.from_args(args),
+                scorer=ScorerConfig.from_args(args), teachers=teachers,
                 groups=groups, train_features=lambda: stages.split_of(context.features, "train"),
                 device=device))
             recorder = WeightRecorder(context.run_dir, domains)

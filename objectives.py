@@ -12,9 +12,10 @@ training loop (training.py) knows nothing of it and only calls a stage's ``compu
   ``make_multi_domain_ce`` (3), ``make_hrkd_loss`` (4), with typed configs
   (``DistillConfig``, ``GraphConfig``, ``MetaConfig``) instead of the flag namespace;
 * domain weighting of stage 4 as registered strategies (``WEIGHTINGS``: ``graph``, the
-  released graph; ``uniform``, w = 1/D; ``meta``, the graph learned by a one-step lookahead):
-  each is one class whose ``weights`` returns w[l, d] for a step. Adding a method is one class
-  with ``@register_weighting`` (and a row in ``variants.py`` for the launchers and reports);
+  released graph; ``uniform``, w = 1/D; ``meta``, the graph learned by a one-step lookahead;
+  ``meta_scorer``, a per-domain scorer learned the same way): each is one class whose
+  ``weights`` returns w[l, d] for a step. Adding a method is one class with
+  ``@register_weighting`` (and a row in ``variants.py`` for the launchers and reports);
 * ``WeightRecorder``: w[l, d] averaged between evaluations into domain_weights.jsonl.
 """
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_processing import concat_domain_batches, take
-from distillation import (DomainRelationalGraph, domain_prototypes, frozen_teacher_outputs,
-                          hrkd_loss, teacher_layer_for, tinybert_kd_loss)
+from distillation import (DomainRelationalGraph, DomainScorer, domain_prototypes,
+                          frozen_teacher_outputs, hrkd_loss, teacher_layer_for, tinybert_kd_loss)
 from modeling import (BertClassifier, check_sequence_length, config_source, load_weights,
                       model_from_checkpoint, resolve_config, split_output)
 from runtime import AMP_DTYPES, to_device, unwrap
@@ -73,6 +74,19 @@ class GraphConfig:
     def from_args(cls, args) -> "GraphConfig":
         return _from_args(cls, args, {"heads": "graph_heads", "dropout": "graph_dropout",
                                       "hierarchical": "hierarchical", "train": "train_graph"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerConfig:
+    """The per-domain scorer of ``meta_scorer`` weighting (distillation.DomainScorer)."""
+
+    temperature: float = 1.0
+    floor: float = 0.25               # every domain keeps at least floor / D
+
+    @classmethod
+    def from_args(cls, args) -> "ScorerConfig":
+        return _from_args(cls, args, {"temperature": "scorer_temperature",
+                                      "floor": "scorer_floor"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +317,7 @@ class WeightingSetup:
     graph: GraphConfig
     distill: DistillConfig
     meta: Optional[MetaConfig]
+    scorer: Optional[ScorerConfig]
     teachers: list
     groups: List[List[int]]
     train_features: Callable[[], Dict[str, Dict[str, torch.Tensor]]]  # tokenized on demand
@@ -405,15 +420,22 @@ class MetaGraphWeighting(DomainWeighting):
     @classmethod
     def build(cls, setup):
         if setup.graph.train:
-            raise ValueError("--domain_weighting meta learns the graph by its meta-objective; "
-                             "drop --train_graph (which would also step it on the weighted "
-                             "loss)")
-        graph = build_graph(setup, True)
+            raise ValueError(f"--domain_weighting {cls.name} learns its weights by the meta-"
+                             f"objective; drop --train_graph (which would also step them on "
+                             f"the weighted loss)")
+        return cls.with_learner(cls.weight_module(setup), setup)
+
+    @classmethod
+    def weight_module(cls, setup) -> nn.Module:
+        return build_graph(setup, True)
+
+    @classmethod
+    def with_learner(cls, module: nn.Module, setup) -> "MetaGraphWeighting":
         features = setup.train_features()
-        learner = MetaGraphLearner(graph, setup.teachers, setup.groups,
+        learner = MetaGraphLearner(module, setup.teachers, setup.groups,
                                    [features[d] for d in setup.domains], setup.distill,
                                    setup.meta, setup.device)
-        return cls(graph, learner)
+        return cls(module, learner)
 
     def modules(self):
         return {"graph": self.graph}
@@ -429,6 +451,21 @@ class MetaGraphWeighting(DomainWeighting):
         prototypes = domain_prototypes([out.hidden_states for out in student_outs])
         constants = {name: p.detach() for name, p in self.graph.named_parameters()}
         return torch.func.functional_call(self.graph, constants, (prototypes,))
+
+
+@register_weighting("meta_scorer")
+class MetaScorerWeighting(MetaGraphWeighting):
+    """A per-domain scorer (distillation.DomainScorer: each domain's own prototype and a
+    learned logit per level and domain, temperature, weight floor) learned by the same
+    one-step lookahead as ``meta``. Unlike the graph, nothing averages the domains into one
+    value, so an unreliable domain can be given less than 1/D."""
+
+    @classmethod
+    def weight_module(cls, setup) -> nn.Module:
+        scorer = setup.scorer or ScorerConfig()
+        return DomainScorer(setup.levels, len(setup.domains), setup.width,
+                            hierarchical=setup.graph.hierarchical,
+                            temperature=scorer.temperature, floor=scorer.floor).to(setup.device)
 
 
 class MetaGraphLearner:

@@ -26,6 +26,10 @@ VARIANTS: Dict[str, Variant] = {
     "meta": Variant("HRKD (meta graph)", "--domain_weighting meta"),
     "meta_gold": Variant("HRKD (meta graph, gold objective)",
                          "--domain_weighting meta --meta_objective gold"),
+    "meta_scorer": Variant("HRKD (meta-learned domain scorer)",
+                           "--domain_weighting meta_scorer"),
+    "meta_scorer_gold": Variant("HRKD (meta-learned domain scorer, gold objective)",
+                                "--domain_weighting meta_scorer --meta_objective gold"),
     "trained_graph": Variant("HRKD (trained graph)", "--use_graph --hierarchical --train_graph"),
     "hrkd": Variant("HRKD", "--use_graph --hierarchical", paper=True),
 }

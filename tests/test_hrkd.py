@@ -351,3 +351,54 @@ def test_frozen_teacher_in_bf16_is_bit_identical_under_autocast():
     assert torch.equal(a.logits, b.logits)
     for x, y in zip(a.hidden_states, b.hidden_states):
         assert (x is None and y is None) or torch.equal(x, y)
+
+
+# ------------------------------------------------------------------------------------------
+# The meta-learned domain scorer (issue: a weighting that can move)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_scorer_starts_uniform_sums_to_one_and_keeps_its_floor(hierarchical):
+    from distillation import DomainScorer
+    torch.manual_seed(0)
+    scorer = DomainScorer(LEVELS, DOMAINS, WIDTH, hierarchical=hierarchical, floor=0.2)
+    prototypes = torch.randn(LEVELS, DOMAINS, WIDTH)
+    weights, hierarchy = scorer(prototypes)
+    assert torch.allclose(weights, torch.full((LEVELS, DOMAINS), 1.0 / DOMAINS))
+    assert (hierarchy[1] is not None) == hierarchical
+    with torch.no_grad():
+        scorer.logits[:, 0] = 100.0  # one domain scored far above the others
+    weights, _ = scorer(prototypes)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(LEVELS))
+    assert weights.min() >= 0.2 / DOMAINS - 1e-6
+
+
+def test_meta_scorer_moves_away_from_uniform_and_spares_the_student():
+    """Domain 2's held-out gold labels contradict the student's predictions (its gold loss is
+    much larger than the others'): a few meta steps make the weights non-uniform, each level
+    still summing to 1, and the student's real parameters are untouched."""
+    from distillation import DomainScorer
+    _, _, stage, args, _, teachers, groups = meta_setup(1)
+    student = stage.model
+    features = [dict(stage.train_features[d]) for d in stage.domains]
+    with torch.no_grad():
+        for index, batch in enumerate(features):
+            predicted = student(batch["input_ids"], batch["segment_ids"], batch["attention_mask"],
+                                domain=torch.full((batch["labels"].shape[0],), index)).logits
+            agree = predicted.argmax(-1)
+            batch["labels"] = 1 - agree if index == 2 else agree
+    scorer = DomainScorer(3, 3, 16, hierarchical=True, floor=0.1)
+    meta = objectives.MetaGraphLearner(
+        scorer, teachers, groups, features, DISTILL,
+        objectives.MetaConfig(lr=0.5, every=1, virtual_lr=1.0, objective="gold",
+                              batch_size=4, seed=0), torch.device("cpu"))
+    weighting = objectives.MetaScorerWeighting(scorer, meta)
+    batches = [{k: v[:2] for k, v in f.items()} for f in features]
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    for _ in range(5):
+        targets = objectives.teacher_outputs(teachers, groups, batches, 2)
+        weighting.before_step(student, batches, targets)
+    weights, _ = weighting.weights(objectives.student_outputs(student, batches))
+    assert torch.allclose(weights.sum(dim=1), torch.ones(3), atol=1e-6)
+    assert (weights - 1.0 / 3).abs().max() > 1e-3, weights
+    assert all(torch.equal(student_before[k], v) for k, v in student.state_dict().items())
+    assert all(p.grad is None for p in student.parameters())

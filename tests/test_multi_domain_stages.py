@@ -47,7 +47,8 @@ def test_stage3_graph_weighting_runs(sample, tmp_path):
     assert "all_gnn.0.out_att.W" in saved["graph_state_dict"]
 
 
-VARIANTS = {"hrkd": [], "no_hierarchy": ["--no_hierarchical"], "no_graph": ["--no_use_graph"]}
+VARIANTS = {"hrkd": [], "no_hierarchy": ["--no_hierarchical"], "no_graph": ["--no_use_graph"],
+            "meta_scorer": ["--domain_weighting", "meta_scorer", "--meta_objective", "gold"]}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,8 @@ def test_stage4_variants_write_weights_and_results(student_runs):
             assert [r["step"] for r in records] == [2, 4]
             for level in records[-1]["weights"]:
                 assert sum(level) == pytest.approx(1.0, abs=1e-5)
-            assert (records[-1]["hierarchy"][1] is not None) == (variant == "hrkd")
+            hierarchical = variant in ("hrkd", "meta_scorer")
+            assert (records[-1]["hierarchy"][1] is not None) == hierarchical
 
 
 def test_stage4_missing_teacher_domain_is_named(sample, teacher_run, tmp_path, capsys):
