@@ -548,7 +548,7 @@ def _file_signature(path: str) -> list:
 
 def feature_cache_key(task: str, data_dir: str, domain: str, tokenizer: WordPieceTokenizer,
                       max_seq_length: int, train_ratio: float, dev_ratio: float,
-                      data_seed: int) -> str:
+                      data_seed: int, flip_prob: float = 0.0) -> str:
     processor = get_processor(task, data_dir)
     files = processor.files(data_dir, domain)
     with open(tokenizer.vocab_file, "rb") as handle:
@@ -558,6 +558,8 @@ def feature_cache_key(task: str, data_dir: str, domain: str, tokenizer: WordPiec
                  "vocab": vocab_hash, "lowercase": tokenizer.lowercase,
                  "max_seq_length": max_seq_length, "train_ratio": train_ratio,
                  "dev_ratio": dev_ratio, "data_seed": data_seed, "labels": processor.labels}
+    if flip_prob:
+        described["flip_prob"] = flip_prob
     digest = hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
     return f"{task}_{domain}_{max_seq_length}_{digest}"
 
@@ -572,12 +574,26 @@ def examples_to_tensors(examples: List[Example], tokenizer: WordPieceTokenizer,
     return tensors
 
 
+def flip_labels(examples: List[Example], num_labels: int, probability: float,
+                seed: int) -> List[Example]:
+    """Each label replaced by another one with ``probability`` (seeded): the label-noise study's
+    unreliable domain. Only ever applied to a training split, and only when asked."""
+    rng = random.Random(seed)
+    flipped = []
+    for example in examples:
+        label = example.label
+        if rng.random() < probability:
+            label = rng.choice([other for other in range(num_labels) if other != label])
+        flipped.append(Example(example.text_a, example.text_b, label))
+    return flipped
+
+
 def _cache_path(task, data_dir, domain, tokenizer, max_seq_length, train_ratio, dev_ratio,
-                data_seed, cache_dir) -> Optional[str]:
+                data_seed, cache_dir, flip_prob=0.0) -> Optional[str]:
     if not cache_dir:
         return None
     key = feature_cache_key(task, data_dir, domain, tokenizer, max_seq_length, train_ratio,
-                            dev_ratio, data_seed)
+                            dev_ratio, data_seed, flip_prob)
     return os.path.join(cache_dir, key + ".pt")
 
 
@@ -593,9 +609,11 @@ def load_domain_features(task: str, data_dir: str, domain: str, tokenizer: WordP
 def load_task_features(task: str, data_dir: str, domains: Sequence[str],
                          tokenizer: WordPieceTokenizer, max_seq_length: int,
                          train_ratio: float = 0.9, dev_ratio: float = 0.1, data_seed: int = 42,
-                         cache_dir: Optional[str] = None,
-                         dist=None) -> Dict[str, Dict[str, Dict[str, torch.Tensor]]]:
-    """{domain: {split: tensors}}, read from / written to the cache.
+                         cache_dir: Optional[str] = None, dist=None,
+                         noisy_domain: Optional[str] = None,
+                         flip_prob: float = 0.0) -> Dict[str, Dict[str, Dict[str, torch.Tensor]]]:
+    """{domain: {split: tensors}}, read from / written to the cache. ``noisy_domain``'s
+    training labels are flipped with ``flip_prob`` (the label-noise study; off by default).
 
     Every domain without a cache file is read (and so checked) before any cache file is
     written: bad data in one domain leaves nothing behind. With ``dist``
@@ -605,8 +623,9 @@ def load_task_features(task: str, data_dir: str, domains: Sequence[str],
     processor = get_processor(task, data_dir)
     for domain in domains:
         _check_domain(processor, domain)
+    noise = {d: (flip_prob if d == noisy_domain else 0.0) for d in domains}
     paths = {d: _cache_path(task, data_dir, d, tokenizer, max_seq_length, train_ratio,
-                            dev_ratio, data_seed, cache_dir) for d in domains}
+                            dev_ratio, data_seed, cache_dir, noise[d]) for d in domains}
     is_main = dist is None or dist.is_main
     if dist is not None and not is_main:
         dist.barrier()
@@ -614,6 +633,9 @@ def load_task_features(task: str, data_dir: str, domains: Sequence[str],
         uncached = {d: processor.read_splits(data_dir, d, train_ratio, dev_ratio, data_seed)
                     for d in domains if not (paths[d] and os.path.isfile(paths[d]))}
         for domain, splits in uncached.items():
+            if noise[domain]:
+                splits["train"] = flip_labels(splits["train"], len(processor.labels),
+                                              noise[domain], data_seed + 7907)
             for split, examples in splits.items():
                 if not examples:
                     raise DataError(f"{data_dir}: domain '{domain}' has no {split} examples")

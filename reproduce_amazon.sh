@@ -6,6 +6,10 @@
 #   bash reproduce_amazon.sh table     # every row: stage 1-4 runs + TF-IDF baseline, report
 #   bash reproduce_amazon.sh fewshot   # the same methods on FEWSHOT_PERCENTS of the training data
 #   bash reproduce_amazon.sh all       # table, then fewshot
+#   bash reproduce_amazon.sh study     # label-noise study: NOISY_DOMAIN's training labels flipped
+#                                      # with FLIP_PROB (default kitchen, 0.4), stage 3 on them,
+#                                      # stage 4 with STUDY_VARIANTS; then the same variants with
+#                                      # every domain clean (the table's stage-3 teacher)
 # Settings from the environment: SEEDS (default "42"), MAX_SEQ_LENGTH (preset: 64 for CPU; the
 # spec's 128 on a GPU), AMAZON_DIR (default dataset/amazon, else ../shared/data/amazon),
 # OUT_ROOT (default runs/amazon_real), NUM_GPU, AMP, and any launcher variable.
@@ -100,10 +104,29 @@ tune() {
     "${root}"/student_blocks*/finetune_domain/amazon/books/seed42 > /dev/null
 }
 
+# The label-noise study: does a weighting give the unreliable domain less than 1/D, and what
+# does it cost when every domain is clean? (needs the table's stage-3 run for the clean part)
+study() {
+  local noisy=${NOISY_DOMAIN:-kitchen} flip=${FLIP_PROB:-0.4}
+  local variants=${STUDY_VARIANTS:-"hrkd uniform meta meta_scorer"}
+  local root=${OUT_ROOT}/study_${noisy}_p${flip}
+  export MODE=full
+  OUT_ROOT=${root} EXTRA_ARGS="${EXTRA_ARGS} --noisy_domain ${noisy} --flip_prob ${flip}" \
+    timed "study: stage 3 on flipped ${noisy} labels" bash train_multi_domain.sh
+  OUT_ROOT=${root} EXTRA_ARGS="${EXTRA_ARGS} --noisy_domain ${noisy} --flip_prob ${flip}" \
+    VARIANTS=${variants} timed "study: stage 4 (${variants})" bash finetune_multi_domain.sh
+  "${PYTHON}" report.py --runs "${root}" --out "${root}/report" --tasks amazon \
+    --study_domain "${noisy}"
+  VARIANTS=${STUDY_CLEAN_VARIANTS:-"meta meta_scorer"} \
+    timed "study: stage 4 with every domain clean" bash finetune_multi_domain.sh
+  "${PYTHON}" report.py --runs "${OUT_ROOT}" --out "${OUT_ROOT}/report" --tasks amazon
+}
+
 case "${STEP}" in
   tune) tune ;;
   table) table full ;;
   fewshot) table fewshot ;;
   all) table full; table fewshot ;;
-  *) echo "error: unknown step '${STEP}' (tune, table, fewshot or all)" >&2; exit 1 ;;
+  study) study ;;
+  *) echo "error: unknown step '${STEP}' (tune, table, fewshot, all or study)" >&2; exit 1 ;;
 esac

@@ -50,6 +50,10 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
     data.add_argument("--dev_ratio", type=float, default=0.1)
     data.add_argument("--data_seed", type=int, default=42,
                       help="seed of the one-time Amazon shuffle (splits do not follow --seed)")
+    data.add_argument("--noisy_domain", default=None,
+                      help="label-noise study only: flip this domain's TRAINING labels with "
+                           "--flip_prob (dev and test stay clean); never on by default")
+    data.add_argument("--flip_prob", type=float, default=0.0)
     data.add_argument("--cache_dir", default=None,
                       help="feature cache (default: <data_dir>/cache)")
     data.add_argument("--no_lowercase", dest="lowercase", action="store_false")
@@ -126,6 +130,8 @@ def validate_common_args(args):
         raise ValueError("nothing to do: pass --do_train and/or --do_test")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other")
+    if not 0.0 <= args.flip_prob <= 1.0 or (args.flip_prob > 0) != bool(args.noisy_domain):
+        raise ValueError("--noisy_domain and --flip_prob (in (0, 1]) go together")
     blocks = getattr(args, "student_init_layers", None)
     if blocks and not getattr(args, "student_init", None):
         raise ValueError("--student_init_layers needs --student_init (the checkpoint to copy "
@@ -222,7 +228,8 @@ def load_features(args, domains: Sequence[str], tokenizer, dist: Distributed):
     cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
     features = load_task_features(args.task, args.data_dir, domains, tokenizer,
                                   args.max_seq_length, args.train_ratio, args.dev_ratio,
-                                  args.data_seed, cache_dir, dist)
+                                  args.data_seed, cache_dir, dist, args.noisy_domain,
+                                  args.flip_prob)
     for domain, splits in features.items():
         for split, tensors in splits.items():
             if tensors["labels"].shape[0] == 0:
@@ -280,6 +287,8 @@ def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
     if args.domain not in processor.domains:
         raise ValueError(f"unknown {args.task} domain '{args.domain}' "
                          f"(expected one of {', '.join(processor.domains)})")
+    if args.noisy_domain and args.noisy_domain not in processor.domains:
+        raise ValueError(f"--noisy_domain: unknown {args.task} domain '{args.noisy_domain}'")
     if multi_domain and len(processor.domains) < 2:
         raise ValueError(f"{args.data_dir}: the multi-domain stages need two or more domains, "
                          f"found {len(processor.domains)} ({', '.join(processor.domains)})")

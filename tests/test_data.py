@@ -201,3 +201,24 @@ def test_noisy_domain_flips_only_its_labels(tmp_path):
     assert 0.3 * len(texts) < flipped < 0.7 * len(texts)
     with pytest.raises(ValueError, match="unknown noisy domain"):
         dp.generate_sample(str(tmp_path / "x"), "tiny", noisy_domain="music", flip_prob=0.1)
+
+
+def test_label_noise_flips_only_the_asked_training_labels(sample, tmp_path):
+    """The study's unreliable domain: train labels flipped with p (seeded), dev/test clean,
+    its own cache entry."""
+    tokenizer = dp.WordPieceTokenizer(sample["vocab"])
+    examples = [dp.Example(f"t{i}", None, i % 2) for i in range(1000)]
+    flipped = dp.flip_labels(examples, 2, 0.4, seed=3)
+    changed = sum(a.label != b.label for a, b in zip(examples, flipped))
+    assert 340 < changed < 460 and flipped == dp.flip_labels(examples, 2, 0.4, seed=3)
+    assert all(a.label != b.label for a, b in zip(examples, dp.flip_labels(examples, 2, 1.0, 0)))
+    cache = str(tmp_path / "cache")
+    clean = dp.load_task_features("amazon", sample["amazon"], ["books", "dvd"], tokenizer, 32,
+                                  cache_dir=cache)
+    noisy = dp.load_task_features("amazon", sample["amazon"], ["books", "dvd"], tokenizer, 32,
+                                  cache_dir=cache, noisy_domain="dvd", flip_prob=1.0)
+    assert len(os.listdir(cache)) == 3  # books shared, dvd clean and dvd noisy
+    assert torch.equal(noisy["books"]["train"]["labels"], clean["books"]["train"]["labels"])
+    assert torch.equal(noisy["dvd"]["train"]["labels"], 1 - clean["dvd"]["train"]["labels"])
+    for split in ("dev", "test"):
+        assert torch.equal(noisy["dvd"][split]["labels"], clean["dvd"][split]["labels"])
