@@ -348,24 +348,19 @@ DOMAIN_PATH_FLAGS = ("output_dir", "teacher_dir")
 
 
 def runs_per_domain(args, per_domain: bool) -> List[argparse.Namespace]:
-    """One namespace per --domain. Several domains (stages 1-2 only) need {domain} in
-    --output_dir (and in --teacher_dir when given), checked before anything runs."""
+    """One namespace per --domain, with {domain} in --output_dir / --teacher_dir filled in.
+    Several domains (stages 1-2 only) need the placeholder, checked before anything runs."""
     domains = args.domain
-    if not per_domain or len(domains) == 1:
-        if len(domains) > 1:
+    if len(domains) > 1:
+        if not per_domain:
             raise ValueError(f"--domain is the fit domain here: give one, got {len(domains)}")
-        single = argparse.Namespace(**vars(args))
-        single.domain = domains[0]
         for flag in DOMAIN_PATH_FLAGS:
-            if "{domain}" in (getattr(single, flag, None) or ""):
-                setattr(single, flag, getattr(single, flag).replace("{domain}", single.domain))
-        return [single]
-    for flag in DOMAIN_PATH_FLAGS:
-        value = getattr(args, flag, None)
-        if value is not None and "{domain}" not in value:
-            raise ValueError(f"--{flag} must contain {{domain}} when several domains are given")
-    if len(set(domains)) != len(domains):
-        raise ValueError(f"--domain lists a domain twice ({' '.join(domains)})")
+            value = getattr(args, flag, None)
+            if value is not None and "{domain}" not in value:
+                raise ValueError(f"--{flag} must contain {{domain}} when several domains are "
+                                 f"given")
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"--domain lists a domain twice ({' '.join(domains)})")
     runs = []
     for domain in domains:
         one = argparse.Namespace(**vars(args))
