@@ -35,6 +35,15 @@ def tiny_config(**overrides) -> BertConfig:
     return BertConfig(**values)
 
 
+def tiny_distillation_configs():
+    """A 4-layer width-16 teacher and a 2-layer width-8 student (2 heads, vocabulary 30)."""
+    teacher = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4,
+                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=16)
+    student = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=16, max_position_embeddings=16)
+    return teacher, student
+
+
 def tiny_inputs(batch=3, length=12, vocab=99, seed=0):
     """Random ids with a padded tail per row (row r has r * 3 pad positions)."""
     generator = torch.Generator().manual_seed(seed)

@@ -9,9 +9,9 @@ import torch
 
 import objectives
 import stages
-from conftest import tiny_teacher_args
+from conftest import tiny_distillation_configs, tiny_teacher_args
 from distillation import DomainRelationalGraph
-from modeling import BertClassifier, BertConfig
+from modeling import BertClassifier
 
 
 BACKEND = "aot_eager"
@@ -19,12 +19,7 @@ BACKEND = "aot_eager"
 
 def hrkd_case():
     torch.manual_seed(0)
-    teacher_config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4,
-                                num_attention_heads=2, intermediate_size=32,
-                                max_position_embeddings=16)
-    student_config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=16,
-                                max_position_embeddings=16)
+    teacher_config, student_config = tiny_distillation_configs()
     teachers = [objectives.freeze(BertClassifier(teacher_config, 2, num_domains=3))
                 for _ in range(3)]
     student = BertClassifier(student_config, 2, num_domains=3, fit_size=16).eval()

@@ -164,14 +164,10 @@ def test_graph_parameter_names_and_shapes():
 
 def run_graph_training(train_graph: bool, steps: int = 3):
     """The real loop and loss on tiny models; returns the graph's parameters before and after."""
-    from modeling import BertClassifier, BertConfig
+    from conftest import tiny_distillation_configs
+    from modeling import BertClassifier
     torch.manual_seed(0)
-    teacher_config = BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=4,
-                                num_attention_heads=2, intermediate_size=32,
-                                max_position_embeddings=16)
-    student_config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2,
-                                num_attention_heads=2, intermediate_size=16,
-                                max_position_embeddings=16)
+    teacher_config, student_config = tiny_distillation_configs()
     domains = ["a", "b", "c"]
     teachers = [objectives.freeze(BertClassifier(teacher_config, 2, num_domains=3)) for _ in domains]
     student = BertClassifier(student_config, 2, num_domains=3, fit_size=16)
