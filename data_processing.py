@@ -634,8 +634,13 @@ def load_task_features(task: str, data_dir: str, domains: Sequence[str],
                     for d in domains if not (paths[d] and os.path.isfile(paths[d]))}
         for domain, splits in uncached.items():
             if noise[domain]:
-                splits["train"] = flip_labels(splits["train"], len(processor.labels),
-                                              noise[domain], data_seed + 7907)
+                clean = splits["train"]
+                splits["train"] = flip_labels(clean, len(processor.labels), noise[domain],
+                                              data_seed + 7907)
+                changed = sum(a.label != b.label for a, b in zip(clean, splits["train"]))
+                logging.getLogger("hrkd").info(
+                    "%s: %d of %d training labels flipped (--flip_prob %g)", domain, changed,
+                    len(clean), noise[domain])
             for split, examples in splits.items():
                 if not examples:
                     raise DataError(f"{data_dir}: domain '{domain}' has no {split} examples")

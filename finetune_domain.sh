@@ -32,7 +32,7 @@ run_stage() {  # every domain of a task in one process (one start-up, one torch 
       # shellcheck disable=SC2046
       $(launcher) finetune_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
         --domain $(domains_of "${TASK}") \
-        --teacher_dir "${root}/train_domain/${TASK}/{domain}/seed${SEED}" \
+        --teacher_dir "${root}/train_domain/${TASK}/{domain}/seed$(teacher_seed "${SEED}")" \
         $(student_args) $(common_args "${ratio}" "${SEED}") \
         --output_dir "${root}/finetune_domain/${TASK}/{domain}/seed${SEED}"
     done

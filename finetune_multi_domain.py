@@ -66,6 +66,10 @@ def build_parser():
     meta.add_argument("--meta_objective", choices=["distill", "gold"], default="distill",
                       help="held-out loss of the virtually updated student: the unweighted "
                            "distillation loss, or cross-entropy with the gold labels")
+    meta.add_argument("--meta_data", choices=["train", "dev"], default="train",
+                      help="split the meta objective's held-out batches are drawn from; dev "
+                           "when the training labels may be wrong (its labels are then also "
+                           "seen by the weighting, so dev accuracy is no longer unbiased)")
     return parser
 
 
@@ -108,8 +112,8 @@ def run(args):
                 width=teacher_config.hidden_size, graph=GraphConfig.from_args(args),
                 distill=distill, meta=MetaConfig.from_args(args),
                 scorer=ScorerConfig.from_args(args), teachers=teachers,
-                groups=groups, train_features=lambda: stages.split_of(context.features, "train"),
-                device=device))
+                groups=groups, device=device,
+                meta_features=lambda: stages.split_of(context.features, args.meta_data)))
             recorder = WeightRecorder(context.run_dir, domains)
         stages.train_stage(
             context, student, make_hrkd_loss(teachers, groups, weighting, distill, recorder),

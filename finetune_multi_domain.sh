@@ -47,7 +47,7 @@ run_stage() {
         # shellcheck disable=SC2046,SC2086
         $(launcher) finetune_multi_domain.py --task "${TASK}" \
           --data_dir "$(data_dir_of "${TASK}")" --domain "$(fit_domain_of "${TASK}")" \
-          --teacher_dir "${root}/train_multi_domain/${TASK}/seed${SEED}" \
+          --teacher_dir "${root}/train_multi_domain/${TASK}/seed$(teacher_seed "${SEED}")" \
           $(student_args) --graph_dropout "${GRAPH_DROPOUT}" $(variant_args "${VARIANT}") \
           ${META_ARGS} $(common_args "${ratio}" "${SEED}") \
           --output_dir "${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}"

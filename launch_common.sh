@@ -62,6 +62,11 @@ common_args() {
        "--do_train $([ "${DO_TEST}" = 1 ] && echo --do_test) ${EXTRA_ARGS}"
 }
 
+# The seed of the teacher run a student of seed $1 distils (TEACHER_SEED, else the same seed).
+teacher_seed() {
+  echo "${TEACHER_SEED:-$1}"
+}
+
 # Teacher flags of stages 1 and 3 (TEACHER_CONFIG, TEACHER_INIT from the launcher's block;
 # an empty TEACHER_CONFIG takes the config.json of TEACHER_INIT).
 teacher_args() {
@@ -91,6 +96,8 @@ fi
 # Defaults every launcher shares; each can be overridden from the environment.
 NUM_GPU=${NUM_GPU:-1}
 SEEDS=${SEEDS:-42}
+TEACHER_SEED=${TEACHER_SEED:-}          # stages 2 and 4: distil this seed's teacher for every
+                                        # student seed (empty: the teacher of the same seed)
 AMP=${AMP:-off}                      # off | bf16 | fp16 (off reproduces the fp32 recipe)
 MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH:-128}
 VAL_FREQ=${VAL_FREQ:-50}

@@ -320,7 +320,8 @@ class WeightingSetup:
     scorer: Optional[ScorerConfig]
     teachers: list
     groups: List[List[int]]
-    train_features: Callable[[], Dict[str, Dict[str, torch.Tensor]]]  # tokenized on demand
+    meta_features: Callable[[], Dict[str, Dict[str, torch.Tensor]]]  # the meta learner's held-out
+    # data ({domain: tensors}, --meta_data's split), tokenized on demand
     device: torch.device
 
 
@@ -431,7 +432,7 @@ class MetaGraphWeighting(DomainWeighting):
 
     @classmethod
     def with_learner(cls, module: nn.Module, setup) -> "MetaGraphWeighting":
-        features = setup.train_features()
+        features = setup.meta_features()
         learner = MetaGraphLearner(module, setup.teachers, setup.groups,
                                    [features[d] for d in setup.domains], setup.distill,
                                    setup.meta, setup.device)
@@ -474,8 +475,9 @@ class MetaGraphLearner:
     A virtual SGD step of the student on the graph-weighted loss, theta' = theta - lr * grad,
     kept as a function of the graph; then the graph's parameters step (Adam, ``meta.lr``) to
     lower the meta objective of the virtually updated student on held-out batches drawn from
-    every domain's training data: the unweighted distillation loss, or the gold-label
-    cross-entropy. Minimising the weighted loss itself would put all weight on the easiest
+    every domain's --meta_data split (training data by default; dev where its labels are the
+    only trusted ones, as in the label-noise study): the unweighted distillation loss, or the
+    gold-label cross-entropy. Minimising the weighted loss itself would put all weight on the easiest
     domain. The student runs functionally on theta' (torch.func.functional_call): no copy of it
     is made and its real parameters are not touched.
     """

@@ -217,3 +217,16 @@ def test_dry_run_prints_torchrun_instead_of_running_it():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("-m torch.distributed.run --standalone --nproc_per_node 4 "
                                     "train_domain.py")
+
+
+def test_teacher_seed_lets_several_student_seeds_share_one_teacher():
+    env = dict(os.environ, PYTHON="echo", TASKS="amazon", SEEDS="43 44", TEACHER_SEED="42",
+               VARIANTS="uniform")
+    result = subprocess.run(["bash", "finetune_multi_domain.sh"], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    runs = result.stdout.strip().splitlines()
+    assert len(runs) == 2
+    for seed, line in zip((43, 44), runs):
+        assert "train_multi_domain/amazon/seed42 " in line
+        assert f"--seed {seed} " in line and line.endswith(f"uniform/seed{seed}")

@@ -128,3 +128,30 @@ def test_report_fewshot_and_seed_spread(tmp_path):
     assert "85.0 ± 7.1" in text  # mean and sample std of 80 and 90
     fewshot = (tmp_path / "out" / "fewshot_amazon.md").read_text()
     assert "| 1% | 60.0* |" in fewshot and "| 10% | 70.0* |" in fewshot
+
+
+def test_meta_data_picks_the_split_of_the_held_out_batches(sample, teacher_run, tmp_path,
+                                                           monkeypatch):
+    """--meta_data dev draws the meta objective's batches from the dev split (the trusted
+    labels of the label-noise study), the default from the training split."""
+    import data_processing
+    import objectives
+    seen = []
+    original = objectives.MetaGraphLearner.__init__
+
+    def spy(self, graph, teachers, groups, features, *args, **kwargs):
+        seen.append([f["labels"].shape[0] for f in features])
+        original(self, graph, teachers, groups, features, *args, **kwargs)
+
+    monkeypatch.setattr(objectives.MetaGraphLearner, "__init__", spy)
+    processor = data_processing.get_processor("amazon", sample["amazon"])
+    domains = ("books", "dvd", "electronics", "kitchen")
+    splits = {d: processor.read_splits(sample["amazon"], d, 0.9, 0.1, 42) for d in domains}
+    for split in ("dev", "train"):
+        args = COMMON + ["--data_dir", sample["amazon"], "--teacher_dir", str(teacher_run),
+                         "--student_config", "tiny_student", "--max_steps", "1",
+                         "--domain_weighting", "meta_scorer", "--meta_objective", "gold",
+                         "--meta_data", split, "--output_dir", str(tmp_path / split), "--do_train"]
+        assert finetune_multi_domain.main(args) == 0
+        assert seen[-1] == [len(splits[d][split]) for d in domains]
+    assert seen[0] != seen[1]
