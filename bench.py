@@ -77,20 +77,55 @@ def peak_memory_mb(device) -> float:
 def time_steps(step, steps: int, warmup: int, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    durations = []
-    for index in range(warmup + steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        if index >= warmup:
-            durations.append(time.perf_counter() - start)
-    quartiles = statistics.quantiles(durations, n=4) if len(durations) > 1 else durations * 3
-    median = statistics.median(durations)
-    return {"median_s": median, "steps": len(durations),
-            # Interquartile range over the median: how far repeated steps disagree.
-            "spread_pct": 100 * (quartiles[2] - quartiles[0]) / median,
-            "peak_memory_mb": peak_memory_mb(device)}
+    durations = [timed_call(step, device) for _ in range(warmup + steps)][warmup:]
+    return summarise(durations, device)
+
+
+def timed_call(step, device) -> float:
+    """Seconds of one call of ``step``, the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def iqr_pct(values) -> float:
+    """Interquartile range over the median, in percent: how far repeated measurements disagree."""
+    if len(values) < 2:
+        return 0.0
+    quartiles = statistics.quantiles(values, n=4)
+    return 100 * (quartiles[2] - quartiles[0]) / statistics.median(values)
+
+
+def summarise(durations, device) -> dict:
+    return {"median_s": statistics.median(durations), "steps": len(durations),
+            "spread_pct": iqr_pct(durations), "peak_memory_mb": peak_memory_mb(device)}
+
+
+def time_paired(steps, rounds: int, warmup: int, device):
+    """Two steps timed in alternation (A B, then B A, ...), so that a change in the machine's
+    load (other jobs on a shared machine) hits both alike. Returns each step's timing (as
+    ``time_steps``) and the per-round speed-up of the second over the first (time of A / time
+    of B): its median, interquartile spread and the medians over the first and the second half
+    of the rounds, whose agreement shows how far a repeated run would move."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    durations = ([], [])
+    for index in range(warmup + rounds):
+        order = (0, 1) if index % 2 == 0 else (1, 0)
+        for which in order:
+            seconds = timed_call(steps[which], device)
+            if index >= warmup:
+                durations[which].append(seconds)
+    timings = [summarise(times, device) for times in durations]
+    speedups = [a / b for a, b in zip(*durations)]
+    half = len(speedups) // 2
+    ratio = {"rounds": len(speedups), "median": statistics.median(speedups),
+             "spread_pct": iqr_pct(speedups),
+             "first_half": statistics.median(speedups[:half] or speedups),
+             "second_half": statistics.median(speedups[half:])}
+    return timings, ratio
 
 
 def step_flops(step) -> int:
@@ -167,9 +202,7 @@ def run_benchmarks(args) -> dict:
     print(f"matmul rate (the arithmetic limit): {results['matmul_gflop_per_s']:.0f} GFLOP/s",
           file=sys.stderr)
 
-    def record(name, step, examples):
-        flops = step_flops(step)  # also a warm-up call
-        timing = time_steps(step, args.steps, args.warmup, device)
+    def describe(name, timing, flops, examples):
         timing["examples_per_s"] = examples / timing["median_s"]
         timing["gflop_per_step"] = flops / 1e9
         timing["gflop_per_s"] = flops / 1e9 / timing["median_s"]
@@ -180,16 +213,29 @@ def run_benchmarks(args) -> dict:
               f"{timing['gflop_per_s']:7.1f} GFLOP/s ({100 * timing['fraction_of_matmul_rate']:.0f}% "
               f"of matmul) peak {timing['peak_memory_mb']:6.0f} MB", file=sys.stderr)
 
-    if "train" in args.cases.split(","):
-        train_benchmarks(args, device, teacher_config, student_config, batches, record, results)
+    def record(name, step, examples):
+        flops = step_flops(step)  # also a warm-up call
+        describe(name, time_steps(step, args.steps, args.warmup, device), flops, examples)
+
+    def record_pair(names, steps, examples):
+        flops = [step_flops(step) for step in steps]
+        timings, ratio = time_paired(steps, args.pairs, args.warmup, device)
+        for name, timing, count in zip(names, timings, flops):
+            describe(name, timing, count, examples)
+        return ratio
+
+    cases = args.cases.split(",")
+    if "train" in cases or "hrkd" in cases:
+        train_benchmarks(args, device, teacher_config, student_config, batches, record,
+                         record_pair, results, stages_1_to_3="train" in cases)
     if "inference" in args.cases.split(","):
         inference_benchmarks(args, device, teacher_config, student_config, generator, results)
     return results
 
 
-def train_benchmarks(args, device, teacher_config, student_config, batches, record, results):
+def stage_1_to_3_benchmarks(args, device, teacher_config, student_config, batches, record,
+                            loss_args):
     width, domains = teacher_config.hidden_size, args.domains
-    loss_args = DistillConfig(hidden_ratio=1.0, pred_ratio=1.0, temperature=1.0)
     # Stage 1: one teacher, cross-entropy.
     teacher = BertClassifier(teacher_config, 3).to(device)
     record("stage1_teacher_ce", training_step(teacher, {}, cross_entropy_loss, batches[:1],
@@ -207,16 +253,25 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
                                                    batches, device, args.amp),
            args.batch * domains)
     del multi_teacher
+
+
+def train_benchmarks(args, device, teacher_config, student_config, batches, record, record_pair,
+                     results, stages_1_to_3=True):
+    width, domains = teacher_config.hidden_size, args.domains
+    loss_args = DistillConfig(hidden_ratio=1.0, pred_ratio=1.0, temperature=1.0)
+    if stages_1_to_3:
+        stage_1_to_3_benchmarks(args, device, teacher_config, student_config, batches, record,
+                                loss_args)
     # Stage 4: HRKD, optimised and straightforward, same models and inputs.
     teachers = [objectives.freeze(BertClassifier(teacher_config, 3, num_domains=domains).to(device),
                              args.amp) for _ in range(domains)]
     student = BertClassifier(student_config, 3, num_domains=domains, fit_size=width).to(device)
     graph = DomainRelationalGraph(student_config.num_hidden_layers + 1, domains, width).to(device)
     graph.requires_grad_(False)
-    record("stage4_hrkd", training_step(student, {"graph": graph},
-                                        make_hrkd_loss(teachers, [[d] for d in range(domains)],
-                                                       GraphWeighting(graph, False), loss_args),
-                                        batches, device, args.amp), args.batch * domains)
+    hrkd_step = training_step(student, {"graph": graph},
+                              make_hrkd_loss(teachers, [[d] for d in range(domains)],
+                                             GraphWeighting(graph, False), loss_args),
+                              batches, device, args.amp)
     if args.compile:
         record("stage4_hrkd_compiled",
                training_step(student, {"graph": graph}, stages.compiled(
@@ -228,21 +283,24 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
     if args.straightforward_amp != args.amp:  # plain teachers, as the straightforward code has
         plain_teachers = [objectives.freeze(BertClassifier(teacher_config, 3, num_domains=domains)
                                        .to(device)) for _ in range(domains)]
-    record("stage4_hrkd_straightforward",
-           training_step(student, {"graph": graph},
-                         straightforward_hrkd_loss(plain_teachers, graph, loss_args), batches,
-                         device, args.straightforward_amp), args.batch * domains)
+    straightforward_step = training_step(
+        student, {"graph": graph}, straightforward_hrkd_loss(plain_teachers, graph, loss_args),
+        batches, device, args.straightforward_amp)
+    # Timed in alternation: the ratio of the two is what must hold from run to run.
+    results["hrkd_vs_straightforward_rounds"] = record_pair(
+        ("stage4_hrkd_straightforward", "stage4_hrkd"), (straightforward_step, hrkd_step),
+        args.batch * domains)
     # Profiled last: the profiler's hooks must not slow any timed step.
     if args.profile:
         results["hrkd_profile"] = profile_step(
             training_step(student, {"graph": graph},
                           make_hrkd_loss(teachers, [[d] for d in range(domains)],
                                          GraphWeighting(graph, False), loss_args), batches, device, args.amp), device)
-    steps = results["train_step"]
-    results["hrkd_speedup_vs_straightforward"] = (
-        steps["stage4_hrkd"]["examples_per_s"] / steps["stage4_hrkd_straightforward"]["examples_per_s"])
-    print(f"HRKD step vs straightforward: {results['hrkd_speedup_vs_straightforward']:.2f}x",
-          file=sys.stderr)
+    steps, rounds = results["train_step"], results["hrkd_vs_straightforward_rounds"]
+    results["hrkd_speedup_vs_straightforward"] = rounds["median"]
+    print(f"HRKD step vs straightforward: {rounds['median']:.3f}x (median of {rounds['rounds']} "
+          f"alternating rounds; interquartile range {rounds['spread_pct']:.1f}%; halves "
+          f"{rounds['first_half']:.3f}x / {rounds['second_half']:.3f}x)", file=sys.stderr)
     if "stage4_hrkd_compiled" in steps:
         results["compiled_hrkd_speedup_vs_straightforward"] = (
             steps["stage4_hrkd_compiled"]["examples_per_s"]
@@ -312,6 +370,8 @@ def build_parser():
                         help="AMP of the straightforward HRKD step (default fp32, the baseline)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=20,
+                        help="alternating rounds of the HRKD and the straightforward step")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the HRKD step under torch.compile (stage4_hrkd_compiled)")
@@ -320,7 +380,8 @@ def build_parser():
     parser.add_argument("--profile", action="store_true",
                         help="profile one HRKD step (operators, kernel launches)")
     parser.add_argument("--cases", default="train,inference",
-                        help="comma-separated: train (the stage steps), inference")
+                        help="comma-separated: train (every stage's step), hrkd (only the "
+                             "stage-4 pair), inference")
     parser.add_argument("--out", help="write the JSON here (default: stdout)")
     return parser
 

@@ -202,29 +202,62 @@ def weight_summary(run_dir: str, domains: List[str]) -> Optional[Tuple[list, lis
     return weights.mean(axis=(0, 1)).tolist(), weights.std(axis=0).mean(axis=0).tolist()
 
 
-def study_table(root: str, task: str, unreliable: str):
-    """Per stage-4 run: the weight it gave the unreliable domain, and test accuracy elsewhere."""
+def study_runs(root: str, task: str, unreliable: str) -> List[dict]:
+    """Every finished stage-4 run: its method, seed, the weight it gave the unreliable domain
+    (mean over evaluations and levels, and at the last evaluation) and its test accuracies."""
     domains = task_domains(root, task)
     index = domains.index(unreliable)
-    others = [d for d in domains if d != unreliable]
-    header = (["Run", f"w[{unreliable}] mean", f"w[{unreliable}] last", "1/D"]
-              + [f"test {d}" for d in others] + ["test mean (others)", f"test {unreliable}"])
-    rows = []
+    runs = []
     for label, template, per_domain in METHODS:
         if per_domain or not template.startswith("finetune_multi_domain"):
             continue
         for run_dir in seed_dirs(os.path.join(root, template.format(task=task, domain=""))):
-            records = read_weight_records(run_dir)
-            weights = np.array([r["weights"] for r in records]) if records else None
             accuracy = {d: _test_accuracy(run_dir, d) for d in domains}
             if any(v is None for v in accuracy.values()):
                 continue
-            mean_w = f"{weights[:, :, index].mean():.4f}" if weights is not None else "-"
-            last_w = f"{weights[-1, :, index].mean():.4f}" if weights is not None else "-"
-            rows.append([f"{label} ({os.path.basename(run_dir)})", mean_w, last_w,
-                         f"{1 / len(domains):.4f}"] + [f"{accuracy[d]:.1f}" for d in others]
-                        + [f"{np.mean([accuracy[d] for d in others]):.1f}",
-                           f"{accuracy[unreliable]:.1f}"])
+            records = read_weight_records(run_dir)
+            weights = np.array([r["weights"] for r in records]) if records else None
+            runs.append({
+                "method": label, "seed": os.path.basename(run_dir), "accuracy": accuracy,
+                "weight_mean": None if weights is None else float(weights[:, :, index].mean()),
+                "weight_last": None if weights is None else float(weights[-1, :, index].mean()),
+                "others_mean": float(np.mean([accuracy[d] for d in domains if d != unreliable]))})
+    return runs
+
+
+def study_table(root: str, task: str, unreliable: str):
+    """Per stage-4 run: the weight it gave the unreliable domain, and test accuracy elsewhere."""
+    domains = task_domains(root, task)
+    others = [d for d in domains if d != unreliable]
+    header = (["Run", f"w[{unreliable}] mean", f"w[{unreliable}] last", "1/D"]
+              + [f"test {d}" for d in others] + ["test mean (others)", f"test {unreliable}"])
+    rows = []
+    for run in study_runs(root, task, unreliable):
+        weight = [("-" if run[k] is None else f"{run[k]:.4f}")
+                  for k in ("weight_mean", "weight_last")]
+        rows.append([f"{run['method']} ({run['seed']})", *weight, f"{1 / len(domains):.4f}"]
+                    + [f"{run['accuracy'][d]:.1f}" for d in others]
+                    + [f"{run['others_mean']:.1f}", f"{run['accuracy'][unreliable]:.1f}"])
+    return header, rows
+
+
+def study_summary(root: str, task: str, unreliable: str):
+    """Per method, over its seeds: the unreliable domain's mean weight, and the test accuracy on
+    the other domains and on it (mean ± std; * marks a single seed)."""
+    runs = study_runs(root, task, unreliable)
+    header = ["Method", "seeds", f"w[{unreliable}] (1/D = {1 / len(task_domains(root, task)):.3f})",
+              "test mean (others)", f"test {unreliable}"]
+    rows = []
+    for label in dict.fromkeys(run["method"] for run in runs):
+        mine = [run for run in runs if run["method"] == label]
+        weights = [run["weight_mean"] for run in mine if run["weight_mean"] is not None]
+        weight = "-"
+        if weights:
+            weight = (f"{weights[0]:.3f}*" if len(weights) == 1 else
+                      f"{np.mean(weights):.3f} ± {np.std(weights, ddof=1):.3f}")
+        rows.append([label, str(len(mine)), weight,
+                     format_cell([run["others_mean"] for run in mine]),
+                     format_cell([run["accuracy"][unreliable] for run in mine])])
     return header, rows
 
 
@@ -279,10 +312,13 @@ def main(argv=None) -> int:
     if args.study_domain:
         for task in args.tasks:
             if args.study_domain in task_domains(args.runs, task):
-                header, rows = study_table(args.runs, task, args.study_domain)
-                text += "\n" + write_table(out_dir, f"study_{task}", header, rows,
-                                           f"{task}: the unreliable domain "
-                                           f"'{args.study_domain}'")
+                title = f"{task}: the unreliable domain '{args.study_domain}'"
+                text += "\n" + write_table(out_dir, f"study_{task}",
+                                           *study_table(args.runs, task, args.study_domain),
+                                           title + ", every run")
+                text += "\n" + write_table(out_dir, f"study_summary_{task}",
+                                           *study_summary(args.runs, task, args.study_domain),
+                                           title + ", mean ± std over seeds")
     print(text if text else f"no finished runs under {args.runs}")
     return 0
 
