@@ -24,7 +24,8 @@ META_ARGS=${META_ARGS:-"--meta_lr 1e-3 --meta_every 1"}   # used by the meta var
 # ablations), and the weighting studies: uniform (w = 1/D), meta (graph learned by a
 # meta-objective on the unweighted distillation loss), meta_gold (the same on the gold labels),
 # trained_graph (--train_graph).
-VARIANTS=${VARIANTS:-"hrkd no_hierarchy no_graph"}
+VARIANTS=${VARIANTS-"hrkd no_hierarchy no_graph"}
+SKIP_FINISHED=${SKIP_FINISHED:-0}    # 1: leave runs that already wrote results.json alone
 
 # ---- few-shot section: MODE=fewshot (or both) repeats the stage on p% of the training data ---
 MODE=${MODE:-full}                                  # full | fewshot | both
@@ -44,13 +45,18 @@ run_stage() {
   for TASK in ${TASKS}; do
     for VARIANT in ${VARIANTS}; do
       for SEED in ${SEEDS}; do
+        local out="${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}"
+        if [ "${SKIP_FINISHED}" = 1 ] && [ -f "${out}/results.json" ]; then
+          echo "skipped (finished): ${out}" >&2
+          continue
+        fi
         # shellcheck disable=SC2046,SC2086
         $(launcher) finetune_multi_domain.py --task "${TASK}" \
           --data_dir "$(data_dir_of "${TASK}")" --domain "$(fit_domain_of "${TASK}")" \
           --teacher_dir "${root}/train_multi_domain/${TASK}/seed$(teacher_seed "${SEED}")" \
           $(student_args) --graph_dropout "${GRAPH_DROPOUT}" $(variant_args "${VARIANT}") \
           ${META_ARGS} $(common_args "${ratio}" "${SEED}") \
-          --output_dir "${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}"
+          --output_dir "${out}"
       done
     done
   done

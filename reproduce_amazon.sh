@@ -112,18 +112,25 @@ tune() {
 # objective on the dev split (the only labels the study trusts) and a meta rate that lets Adam
 # move a score by several units within the run's ~135 steps (1e-3 moves it by at most ~0.1).
 # The clean half (STUDY_CLEAN_VARIANTS) distils the table's stage-3 teacher (run `table` first).
+# Runs that already finished are skipped, so the study can be extended seed by seed:
+#   bash reproduce_amazon.sh study                                        # seed 42, everything
+#   SEEDS=43 STUDY_VARIANTS="uniform hrkd" STUDY_CLEAN_VARIANTS="" bash reproduce_amazon.sh study
 study() {
   local noisy=${NOISY_DOMAIN:-kitchen} flip=${FLIP_PROB:-0.4}
   local root=${OUT_ROOT}/study_${noisy}_p${flip}
   local noise="--noisy_domain ${noisy} --flip_prob ${flip}"
-  export MODE=full TEACHER_SEED=${TEACHER_SEED:-42}
+  export MODE=full TEACHER_SEED=${TEACHER_SEED:-42} SKIP_FINISHED=1  # e.g. the table's clean runs
   export META_ARGS=${META_ARGS:-"--meta_lr 0.05 --meta_every 1 --meta_data dev"}
-  SEEDS=${TEACHER_SEED} OUT_ROOT=${root} EXTRA_ARGS="${EXTRA_ARGS} ${noise}" \
-    timed "study: stage 3 on flipped ${noisy} labels" bash train_multi_domain.sh
+  if [ -f "${root}/train_multi_domain/amazon/seed${TEACHER_SEED}/results.json" ]; then
+    echo "== study: stage 3 on flipped ${noisy} labels already ran (${root})"
+  else
+    SEEDS=${TEACHER_SEED} OUT_ROOT=${root} EXTRA_ARGS="${EXTRA_ARGS} ${noise}" \
+      timed "study: stage 3 on flipped ${noisy} labels" bash train_multi_domain.sh
+  fi
   OUT_ROOT=${root} EXTRA_ARGS="${EXTRA_ARGS} ${noise}" \
     VARIANTS=${STUDY_VARIANTS:-"uniform hrkd meta_gold meta_scorer_gold"} \
     timed "study: stage 4 with flipped ${noisy} labels" bash finetune_multi_domain.sh
-  VARIANTS=${STUDY_CLEAN_VARIANTS:-"uniform meta_scorer_gold"} \
+  VARIANTS=${STUDY_CLEAN_VARIANTS-"uniform meta_scorer_gold"} \
     timed "study: stage 4 with every domain clean" bash finetune_multi_domain.sh
   "${PYTHON}" report.py --runs "${root}" --out "${root}/report" --tasks amazon \
     --study_domain "${noisy}"

@@ -219,9 +219,9 @@ def test_dry_run_prints_torchrun_instead_of_running_it():
                                     "train_domain.py")
 
 
-def test_teacher_seed_lets_several_student_seeds_share_one_teacher():
+def test_teacher_seed_lets_several_student_seeds_share_one_teacher(tmp_path):
     env = dict(os.environ, PYTHON="echo", TASKS="amazon", SEEDS="43 44", TEACHER_SEED="42",
-               VARIANTS="uniform")
+               VARIANTS="uniform", OUT_ROOT=str(tmp_path))
     result = subprocess.run(["bash", "finetune_multi_domain.sh"], capture_output=True, text=True,
                             cwd=ROOT, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -230,3 +230,12 @@ def test_teacher_seed_lets_several_student_seeds_share_one_teacher():
     for seed, line in zip((43, 44), runs):
         assert "train_multi_domain/amazon/seed42 " in line
         assert f"--seed {seed} " in line and line.endswith(f"uniform/seed{seed}")
+    # SKIP_FINISHED=1 leaves a run that already wrote results.json alone.
+    finished = tmp_path / "finetune_multi_domain" / "amazon" / "uniform" / "seed43"
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text("{}")
+    result = subprocess.run(["bash", "finetune_multi_domain.sh"], capture_output=True, text=True,
+                            cwd=ROOT, env=dict(env, SKIP_FINISHED="1"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [line.endswith("uniform/seed44") for line in result.stdout.strip().splitlines()] == [True]
+    assert f"skipped (finished): {finished}" in result.stderr

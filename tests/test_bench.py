@@ -1,6 +1,7 @@
 """bench.py: the alternating timing of the HRKD pair, and a tiny end-to-end run."""
 import json
 
+import pytest
 import torch
 
 import bench
@@ -40,6 +41,10 @@ def test_bench_runs_the_hrkd_pair_only(tmp_path):
     assert set(results["train_step"]) == {"stage4_hrkd", "stage4_hrkd_straightforward"}
     rounds = results["hrkd_vs_straightforward_rounds"]
     assert rounds["rounds"] == 2 and results["hrkd_speedup_vs_straightforward"] == rounds["median"]
+    start, end = results["matmul_gflop_per_s_start_end"]
+    assert results["matmul_gflop_per_s"] == max(start, end)
     for timing in results["train_step"].values():
-        assert timing["gflop_per_step"] > 0 and 0 < timing["fraction_of_matmul_rate"]
+        assert timing["gflop_per_step"] > 0
+        assert timing["fraction_of_matmul_rate"] == pytest.approx(
+            timing["gflop_per_s"] / results["matmul_gflop_per_s"])
     assert results["inference"] == {}
