@@ -382,7 +382,8 @@ def build_parser():
     parser.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     parser.add_argument("--straightforward_amp", default="off", choices=["off", "bf16", "fp16"],
                         help="AMP of the straightforward HRKD step (default fp32, the baseline)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps of each single case (the HRKD pair: --pairs)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=20,
                         help="alternating rounds of the HRKD and the straightforward step")
