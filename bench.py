@@ -212,7 +212,8 @@ def run_benchmarks(args) -> dict:
         results["train_step"][name] = timing
         print(f"{name:28s} {timing['median_s'] * 1000:9.1f} ms/step (spread "
               f"{timing['spread_pct']:4.1f}%) {timing['examples_per_s']:9.1f} ex/s "
-              f"{timing['gflop_per_s']:7.1f} GFLOP/s ({100 * timing['fraction_of_matmul_rate']:.0f}% "
+              f"{timing['gflop_per_s']:7.1f} GFLOP/s "
+              f"({100 * timing['fraction_of_matmul_rate']:.0f}% "
               f"of matmul) peak {timing['peak_memory_mb']:6.0f} MB", file=sys.stderr)
 
     def record(name, step, examples):
@@ -306,10 +307,7 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
         args.batch * domains)
     # Profiled last: the profiler's hooks must not slow any timed step.
     if args.profile:
-        results["hrkd_profile"] = profile_step(
-            training_step(student, {"graph": graph},
-                          make_hrkd_loss(teachers, [[d] for d in range(domains)],
-                                         GraphWeighting(graph, False), loss_args), batches, device, args.amp), device)
+        results["hrkd_profile"] = profile_step(hrkd_step, device)
     steps, rounds = results["train_step"], results["hrkd_vs_straightforward_rounds"]
     results["hrkd_speedup_vs_straightforward"] = rounds["median"]
     print(f"HRKD step vs straightforward: {rounds['median']:.3f}x (median of {rounds['rounds']} "

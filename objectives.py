@@ -320,8 +320,9 @@ class WeightingSetup:
     scorer: Optional[ScorerConfig]
     teachers: list
     groups: List[List[int]]
-    meta_features: Callable[[], Dict[str, Dict[str, torch.Tensor]]]  # the meta learner's held-out
-    # data ({domain: tensors}, --meta_data's split), tokenized on demand
+    # The meta learner's held-out data ({domain: tensors} of --meta_data's split), tokenized
+    # on demand.
+    meta_features: Callable[[], Dict[str, Dict[str, torch.Tensor]]]
     device: torch.device
 
 
@@ -477,8 +478,8 @@ class MetaGraphLearner:
     lower the meta objective of the virtually updated student on held-out batches drawn from
     every domain's --meta_data split (training data by default; dev where its labels are the
     only trusted ones, as in the label-noise study): the unweighted distillation loss, or the
-    gold-label cross-entropy. Minimising the weighted loss itself would put all weight on the easiest
-    domain. The student runs functionally on theta' (torch.func.functional_call): no copy of it
+    gold-label cross-entropy. Minimising the weighted loss itself would put all weight on the
+    easiest domain. The student runs functionally on theta' (torch.func.functional_call): no copy of it
     is made and its real parameters are not touched.
     """
 

@@ -110,7 +110,7 @@ tune() {
 # FLIP_PROB; stage 3 (seed TEACHER_SEED) learns from them; stage 4 runs STUDY_VARIANTS for every
 # student seed of SEEDS against that one teacher. The meta-learned weightings use the gold
 # objective on the dev split (the only labels the study trusts) and a meta rate that lets Adam
-# move a score by several units within the run's ~135 steps (1e-3 moves it by at most ~0.1).
+# move a score by several units within the run's 153 steps (1e-3 moves it by at most ~0.15).
 # The clean half (STUDY_CLEAN_VARIANTS) distils the table's stage-3 teacher (run `table` first).
 # Runs that already finished are skipped, so the study can be extended seed by seed:
 #   bash reproduce_amazon.sh study                                        # seed 42, everything

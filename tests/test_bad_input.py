@@ -237,5 +237,6 @@ def test_teacher_seed_lets_several_student_seeds_share_one_teacher(tmp_path):
     result = subprocess.run(["bash", "finetune_multi_domain.sh"], capture_output=True, text=True,
                             cwd=ROOT, env=dict(env, SKIP_FINISHED="1"), timeout=60)
     assert result.returncode == 0, result.stderr
-    assert [line.endswith("uniform/seed44") for line in result.stdout.strip().splitlines()] == [True]
+    runs = result.stdout.strip().splitlines()
+    assert [line.endswith("uniform/seed44") for line in runs] == [True]
     assert f"skipped (finished): {finished}" in result.stderr
