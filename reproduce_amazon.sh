@@ -115,6 +115,8 @@ tune() {
 # Runs that already finished are skipped, so the study can be extended seed by seed:
 #   bash reproduce_amazon.sh study                                        # seed 42, everything
 #   SEEDS=43 STUDY_VARIANTS="uniform hrkd" STUDY_CLEAN_VARIANTS="" bash reproduce_amazon.sh study
+#   SEEDS=43 STUDY_VARIANTS="meta_gold meta_scorer_gold" \
+#     STUDY_CLEAN_VARIANTS="uniform hrkd meta_scorer_gold" bash reproduce_amazon.sh study
 study() {
   local noisy=${NOISY_DOMAIN:-kitchen} flip=${FLIP_PROB:-0.4}
   local root=${OUT_ROOT}/study_${noisy}_p${flip}
