@@ -214,7 +214,7 @@ def run_benchmarks(args) -> dict:
               f"{timing['spread_pct']:4.1f}%) {timing['examples_per_s']:9.1f} ex/s "
               f"{timing['gflop_per_s']:7.1f} GFLOP/s "
               f"({100 * timing['fraction_of_matmul_rate']:.0f}% "
-              f"of matmul) peak {timing['peak_memory_mb']:6.0f} MB", file=sys.stderr)
+              f"of the first matmul rate) peak {timing['peak_memory_mb']:6.0f} MB", file=sys.stderr)
 
     def record(name, step, examples):
         flops = step_flops(step)  # also a warm-up call
@@ -243,7 +243,7 @@ def run_benchmarks(args) -> dict:
               f"{results['matmul_gflop_per_s']:.0f}: " + ", ".join(
                   f"{name} {100 * timing['fraction_of_matmul_rate']:.0f}%"
                   for name, timing in results["train_step"].items()), file=sys.stderr)
-    if "inference" in args.cases.split(","):
+    if "inference" in cases:
         inference_benchmarks(args, device, teacher_config, student_config, generator, results)
     return results
 

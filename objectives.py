@@ -479,8 +479,8 @@ class MetaGraphLearner:
     every domain's --meta_data split (training data by default; dev where its labels are the
     only trusted ones, as in the label-noise study): the unweighted distillation loss, or the
     gold-label cross-entropy. Minimising the weighted loss itself would put all weight on the
-    easiest domain. The student runs functionally on theta' (torch.func.functional_call): no copy of it
-    is made and its real parameters are not touched.
+    easiest domain. The student runs functionally on theta' (torch.func.functional_call): no
+    copy of it is made and its real parameters are not touched.
     """
 
     def __init__(self, graph, teachers, groups, features: List[Dict[str, torch.Tensor]],
