@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from data_processing import get_processor
+import utils
 from utils import atomic_write_json, main_guard
 
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -26,7 +27,7 @@ DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument("--task", required=True)
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--output_dir", required=True,
@@ -88,7 +89,8 @@ def run(args):
             "method": "tfidf_logistic_regression", "c": best["c"], "c_grid": args.c_grid,
             "train_ratio": args.train_ratio, "data_seed": args.data_seed,
             "dev": {"per_domain": {domain: best["dev"]}},
-            "test": {"per_domain": {domain: best["test"]}, "mean": best["test"]}})
+            "test": {"per_domain": {domain: best["test"]}, "mean": best["test"]},
+            "finished": {"train_steps": None, "tested": True}})
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ two formats, so the real readers are what the demo and the tests exercise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -192,6 +193,10 @@ class Processor:
         """{'train', 'dev', 'test'}: the domain's examples of each split, in a fixed order."""
         raise NotImplementedError
 
+    def warnings(self) -> List[str]:
+        """Things worth a log line at the start of a stage that do not stop it."""
+        return []
+
 
 class MnliProcessor(Processor):
     """MNLI by genre (REFERENCE.md section 2): train/dev from train.tsv, test = dev_matched.tsv."""
@@ -340,14 +345,14 @@ class CustomProcessor(Processor):
 
     <ext> is tsv, csv or jsonl (chosen by the extension). TSV/CSV files start with a header;
     TSV has no quote character (as GLUE), CSV the usual double quotes. Columns / JSON keys:
-    ``text`` (or ``sentence``), optional ``text_pair`` (or ``sentence2``), ``label``. Without
+    ``text`` (or ``sentence``, ``sentence1``), optional ``text_pair`` (or ``sentence2``), ``label``. Without
     labels.txt the labels are the sorted set of every domain's training labels. Domains are the
     sub-folders (sorted); the fit domain is the largest by training examples.
     """
 
     name = "custom"
     EXTENSIONS = ("tsv", "csv", "jsonl")
-    TEXT, PAIR, LABEL = ("text", "sentence"), ("text_pair", "sentence2"), "label"
+    TEXT, PAIR, LABEL = ("text", "sentence", "sentence1"), ("text_pair", "sentence2"), "label"
     LABEL_FILE = "labels.txt"
 
     def __init__(self, data_dir: Optional[str] = None):
@@ -408,6 +413,15 @@ class CustomProcessor(Processor):
             return labels
         return sorted({row[2] for d in self.domains for row in self._rows(d, "train")})
 
+    def warnings(self) -> List[str]:
+        label_file = os.path.join(self.data_dir, self.LABEL_FILE)
+        seen = {row[2] for d in self.domains for row in self._rows(d, "train")}
+        unused = [label for label in self.labels if label not in seen]
+        if not unused:
+            return []
+        return [f"{label_file}: label(s) {', '.join(unused)} have no training example in any "
+                f"domain (the model can still predict them, but never learns them)"]
+
     def read_splits(self, data_dir: str, domain: str, train_ratio: float = 0.9,
                     dev_ratio: float = 0.1, data_seed: int = 42) -> Dict[str, List[Example]]:
         _check_domain(self, domain)
@@ -443,27 +457,56 @@ def _first_of(names: Sequence[str], fields: Sequence[str]) -> Optional[str]:
     return next((n for n in names if n in fields), None)
 
 
-def read_table(path: str) -> List[Tuple[str, Optional[str], str, int]]:
-    """(text, pair, label, line) rows of a TSV, CSV or JSON Lines file (see CustomProcessor)."""
+def read_table(path: str, need_label: bool = True) -> List[Tuple[str, Optional[str], Optional[str], int]]:
+    """(text, pair, label, line) rows of a TSV, CSV or JSON Lines file (see CustomProcessor);
+    without ``need_label`` the label column is optional (None where absent)."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
             if path.endswith(".jsonl"):
-                return _jsonl_rows(path, handle)
-            return _delimited_rows(path, handle)
+                return _jsonl_rows(path, handle, need_label)
+            return _delimited_rows(path, handle, need_label)
     except UnicodeDecodeError:
         raise DataError(first_invalid_utf8(path)) from None
 
 
-def _columns(path: str, fields: Sequence[str], where: str):
+TABLE_EXTENSIONS = (".tsv", ".csv", ".jsonl")
+
+
+def read_texts(path: str) -> List[Tuple[str, Optional[str]]]:
+    """The (text, pair) inputs of a file, by extension: TSV / CSV with a header and JSON Lines
+    as the custom task reads them (text or sentence / sentence1, optional text_pair or
+    sentence2; a label column is ignored), Amazon .review files by their review texts, and
+    anything else as plain text, one example a line (a tab separating a pair's texts)."""
+    if path.endswith(TABLE_EXTENSIONS):
+        return [(text, pair) for text, pair, _, _ in read_table(path, need_label=False)]
+    if path.endswith(".review"):
+        return [(text, None) for text in AmazonProcessor.read_review_file(path)]
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return plain_text_examples(handle)
+
+
+def plain_text_examples(lines) -> List[Tuple[str, Optional[str]]]:
+    """One example a line; a tab separates a pair's two texts; blank lines are skipped."""
+    examples = []
+    for line in lines:
+        line = line.rstrip("\n").rstrip("\r")
+        if not line.strip():
+            continue
+        first, _, second = line.partition("\t")
+        examples.append((first, second or None))
+    return examples
+
+
+def _columns(path: str, fields: Sequence[str], where: str, need_label: bool = True):
     text = _first_of(CustomProcessor.TEXT, fields)
     pair = _first_of(CustomProcessor.PAIR, fields)
-    if text is None or CustomProcessor.LABEL not in fields:
+    if text is None or (need_label and CustomProcessor.LABEL not in fields):
         missing = "text (or sentence)" if text is None else "label"
         raise DataError(f"{path}:{where}: no '{missing}' column (found: {', '.join(fields)})")
     return text, pair
 
 
-def _delimited_rows(path: str, handle):
+def _delimited_rows(path: str, handle, need_label: bool = True):
     tsv = path.endswith(".tsv")
     reader = (csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv
               else csv.reader(handle))
@@ -471,8 +514,9 @@ def _delimited_rows(path: str, handle):
     if header is None:
         raise DataError(f"{path}: empty file (a header line is needed)")
     header = [h.strip() for h in header]
-    text, pair = _columns(path, header, "1")
+    text, pair = _columns(path, header, "1", need_label)
     index = {name: i for i, name in enumerate(header)}
+    label = index.get(CustomProcessor.LABEL)
     rows = []
     for line, row in enumerate(reader, start=2):
         if not row:
@@ -480,11 +524,11 @@ def _delimited_rows(path: str, handle):
         if len(row) != len(header):
             raise DataError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
         rows.append((row[index[text]], row[index[pair]] if pair else None,
-                     row[index[CustomProcessor.LABEL]].strip(), line))
+                     None if label is None else row[label].strip(), line))
     return rows
 
 
-def _jsonl_rows(path: str, handle):
+def _jsonl_rows(path: str, handle, need_label: bool = True):
     rows = []
     for line, raw in enumerate(handle, start=1):
         if not raw.strip():
@@ -495,9 +539,11 @@ def _jsonl_rows(path: str, handle):
             raise DataError(f"{path}:{line}: not JSON ({err.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{line}: expected a JSON object per line")
-        text, pair = _columns(path, list(record), str(line))
+        text, pair = _columns(path, list(record), str(line), need_label)
+        label = record.get(CustomProcessor.LABEL)
         rows.append((str(record[text]), None if pair is None or record[pair] is None
-                     else str(record[pair]), str(record[CustomProcessor.LABEL]).strip(), line))
+                     else str(record[pair]), None if label is None else str(label).strip(),
+                     line))
     return rows
 
 
@@ -630,8 +676,11 @@ def load_task_features(task: str, data_dir: str, domains: Sequence[str],
     if dist is not None and not is_main:
         dist.barrier()
     try:
+        # Ranks other than 0 read what rank 0 wrote; rank 0 rebuilds a bad file.
+        cached = {d: read_feature_cache(paths[d], required=not is_main) for d in domains
+                  if paths[d] and os.path.isfile(paths[d])}
         uncached = {d: processor.read_splits(data_dir, d, train_ratio, dev_ratio, data_seed)
-                    for d in domains if not (paths[d] and os.path.isfile(paths[d]))}
+                    for d in domains if cached.get(d) is None}
         for domain, splits in uncached.items():
             if noise[domain]:
                 clean = splits["train"]
@@ -647,7 +696,7 @@ def load_task_features(task: str, data_dir: str, domains: Sequence[str],
         features = {}
         for domain in domains:
             if domain not in uncached:
-                features[domain] = torch.load(paths[domain], weights_only=True)
+                features[domain] = cached[domain]
                 continue
             features[domain] = {split: examples_to_tensors(examples, tokenizer, max_seq_length)
                                 for split, examples in uncached[domain].items()}
@@ -657,6 +706,47 @@ def load_task_features(task: str, data_dir: str, domains: Sequence[str],
     finally:
         if dist is not None and is_main:
             dist.barrier()
+
+
+FEATURE_FIELDS = ("input_ids", "segment_ids", "attention_mask", "labels")
+SPLITS = ("train", "dev", "test")
+
+
+def check_feature_cache(content) -> str:
+    """'' when ``content`` has the shape every cache file has, else what is wrong."""
+    import torch  # here: reading task facts needs no torch
+    if not isinstance(content, dict) or set(content) != set(SPLITS):
+        return f"expected the splits {', '.join(SPLITS)}"
+    for split, tensors in content.items():
+        if not isinstance(tensors, dict) or set(tensors) != set(FEATURE_FIELDS) or not all(
+                isinstance(t, torch.Tensor) for t in tensors.values()):
+            return f"{split}: expected the tensors {', '.join(FEATURE_FIELDS)}"
+        rows = {t.shape[0] for t in tensors.values()}
+        widths = {tensors[name].shape[1:] for name in FEATURE_FIELDS[:3]}
+        if len(rows) != 1 or len(widths) != 1 or tensors["labels"].dim() != 1:
+            return f"{split}: tensors of different lengths"
+    return ""
+
+
+def read_feature_cache(path: str, required: bool = False):
+    """A cache file's features, or None when it is unreadable or malformed: then it is named
+    in a log line and deleted, and the caller rebuilds it (a corrupt file never blocks a run).
+    ``required`` (ranks that wait for rank 0's file): a bad file is an error instead."""
+    import torch  # here: reading task facts needs no torch
+    try:
+        content = torch.load(path, weights_only=True)
+        problem = check_feature_cache(content)
+    except Exception as err:  # truncated zip, garbage bytes, empty file, pickled objects
+        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if not problem:
+        return content
+    if required:
+        raise DataError(f"{path}: feature cache unreadable ({problem}); delete it and rerun")
+    logging.getLogger("hrkd").warning("%s: feature cache unreadable (%s); deleted, rebuilding",
+                                      path, problem)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+    return None
 
 
 def take(features: Dict[str, torch.Tensor], indices) -> Dict[str, torch.Tensor]:

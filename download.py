@@ -315,7 +315,7 @@ def install(name: str, files: List[str], dataset_dir: str, checkpoint_dir: str) 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument("what", nargs="*",
                         help=f"what to fetch: all, {', '.join(SOURCES)} "
                              f"(default with no --from-archive: all)")

@@ -94,6 +94,7 @@ def export_one(checkpoint: str, domain: Optional[str], out_dir: str, vocab_file:
     domains = content.get("domains") or []
     head = None
     if model.num_domains is not None:
+        domain = domain or utils.domain_of_checkpoint(checkpoint, domains)
         if domain is None:
             raise ValueError(f"{checkpoint}: a multi-domain model; pass --domain "
                              f"({', '.join(domains)}) or --all_domains")
@@ -141,7 +142,7 @@ def export(source: str, out: str, domain: Optional[str] = None, all_domains: boo
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument("source", help="a run directory or a checkpoint file")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--domain", help="the domain whose head (and best checkpoint) to export")

@@ -20,6 +20,7 @@ import sys
 import stages
 from modeling import find_weights_file, model_from_checkpoint
 from objectives import DistillConfig, build_student, freeze, make_kd_loss
+from teacher_cache import TeacherTargets
 
 
 def build_parser():
@@ -36,8 +37,13 @@ def run(args):
         student = build_student(args.student_config, args.student_init, args.student_init_layers,
                                 len(context.tokenizer), len(context.labels), teacher.config,
                                 args.max_seq_length)
-        stages.train_stage(context, student, make_kd_loss(teacher, DistillConfig.from_args(args)),
-                           "finetune_domain", {"teacher": os.path.abspath(teacher_file)})
+        targets = TeacherTargets()  # filled once the run directory is open
+        layers = student.config.num_hidden_layers
+        stages.train_stage(
+            context, student, make_kd_loss(teacher, DistillConfig.from_args(args), targets),
+            "finetune_domain", {"teacher": os.path.abspath(teacher_file)},
+            prepare=lambda: stages.fill_teacher_targets(context, targets, [teacher], [[0]],
+                                                        layers))
     stages.finish_stage(context)
 
 

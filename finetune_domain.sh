@@ -29,11 +29,12 @@ run_stage() {  # every domain of a task in one process (one start-up, one torch 
   local root=$1 ratio=$2
   for TASK in ${TASKS}; do
     for SEED in ${SEEDS}; do
+      set_student; set_common "${ratio}" "${SEED}"
       # shellcheck disable=SC2046
-      $(launcher) finetune_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
+      "${LAUNCH[@]}" finetune_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
         --domain $(domains_of "${TASK}") \
         --teacher_dir "${root}/train_domain/${TASK}/{domain}/seed$(teacher_seed "${SEED}")" \
-        $(student_args) $(common_args "${ratio}" "${SEED}") \
+        "${STUDENT[@]}" "${COMMON[@]}" \
         --output_dir "${root}/finetune_domain/${TASK}/{domain}/seed${SEED}"
     done
   done

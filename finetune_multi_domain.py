@@ -32,11 +32,12 @@ import stages
 from objectives import (WEIGHTINGS, DistillConfig, GraphConfig, MetaConfig, ScorerConfig,
                         WeightingSetup, WeightRecorder, build_student, build_weighting,
                         load_teachers, make_hrkd_loss, teacher_checkpoints)
+from teacher_cache import TeacherTargets
 from utils import logger
 
 
 def build_parser():
-    parser = stages.stage_parser(__doc__, lr=5e-5, epochs=10, batch_size=32)
+    parser = stages.stage_parser(__doc__, lr=5e-5, epochs=10, batch_size=32, multi_domain=True)
     stages.add_student_args(parser)
     graph = parser.add_argument_group("domain weighting (the domain-relational graph)")
     stages.add_switch(graph, "use_graph", True,
@@ -115,9 +116,14 @@ def run(args):
                 groups=groups, device=device,
                 meta_features=lambda: stages.split_of(context.features, args.meta_data)))
             recorder = WeightRecorder(context.run_dir, domains)
+        targets = TeacherTargets()  # filled once the run directory is open
+        layers = student.config.num_hidden_layers
         stages.train_stage(
-            context, student, make_hrkd_loss(teachers, groups, weighting, distill, recorder),
+            context, student,
+            make_hrkd_loss(teachers, groups, weighting, distill, recorder, targets),
             "finetune_multi_domain", {"teachers": [os.path.abspath(p) for p in paths]},
+            prepare=lambda: stages.fill_teacher_targets(context, targets, teachers, groups,
+                                                        layers),
             extra_modules=weighting.modules() if weighting else {},
             extra_state=weighting.state() if weighting else {},
             optimise_extra=bool(weighting and weighting.optimise_with_student),

@@ -25,7 +25,6 @@ META_ARGS=${META_ARGS:-"--meta_lr 1e-3 --meta_every 1"}   # used by the meta var
 # meta-objective on the unweighted distillation loss), meta_gold (the same on the gold labels),
 # trained_graph (--train_graph).
 VARIANTS=${VARIANTS-"hrkd no_hierarchy no_graph"}
-SKIP_FINISHED=${SKIP_FINISHED:-0}    # 1: leave runs that already wrote results.json alone
 
 # ---- few-shot section: MODE=fewshot (or both) repeats the stage on p% of the training data ---
 MODE=${MODE:-full}                                  # full | fewshot | both
@@ -33,9 +32,7 @@ FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"1 2 5 10 20"}
 # ---------------------------------------------------------------------------------------------
 
 variant_args() {  # the variant's flags, from variants.py (the one list of stage-4 runs)
-  local python=${PYTHON:-python}
-  if [ "${python}" = echo ]; then python=python3; fi
-  "${python}" variants.py args "$1"
+  "$(fact_python)" variants.py args "$1"
 }
 
 for VARIANT in ${VARIANTS}; do variant_args "${VARIANT}" > /dev/null; done  # unknown: stop now
@@ -46,17 +43,18 @@ run_stage() {
     for VARIANT in ${VARIANTS}; do
       for SEED in ${SEEDS}; do
         local out="${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}"
-        if [ "${SKIP_FINISHED}" = 1 ] && [ -f "${out}/results.json" ]; then
+        if [ "${SKIP_FINISHED}" = 1 ] && run_finished "${out}"; then
           echo "skipped (finished): ${out}" >&2
           continue
         fi
+        set_student; set_common "${ratio}" "${SEED}"
+        # the fit domain is the task's own (finetune_multi_domain.py knows it)
         # shellcheck disable=SC2046,SC2086
-        $(launcher) finetune_multi_domain.py --task "${TASK}" \
-          --data_dir "$(data_dir_of "${TASK}")" --domain "$(fit_domain_of "${TASK}")" \
+        "${LAUNCH[@]}" finetune_multi_domain.py --task "${TASK}" \
+          --data_dir "$(data_dir_of "${TASK}")" \
           --teacher_dir "${root}/train_multi_domain/${TASK}/seed$(teacher_seed "${SEED}")" \
-          $(student_args) --graph_dropout "${GRAPH_DROPOUT}" $(variant_args "${VARIANT}") \
-          ${META_ARGS} $(common_args "${ratio}" "${SEED}") \
-          --output_dir "${out}"
+          "${STUDENT[@]}" --graph_dropout "${GRAPH_DROPOUT}" $(variant_args "${VARIANT}") \
+          ${META_ARGS} "${COMMON[@]}" --output_dir "${out}"
       done
     done
   done

@@ -1,14 +1,25 @@
 # Shared by the four stage launchers (sourced, not run): the torchrun launch, the per-process
 # batch that keeps the paper's effective batch, and the data folder / domains of each task.
 
-# The command that starts a stage script: plain python on one device, torchrun on several
-# (as "$PYTHON -m torch.distributed.run", the module behind torchrun, so that PYTHON=echo
-# prints every command instead of running it and the venv's interpreter is the one used).
-launcher() {
+# The interpreter: $PYTHON, else the venv that `make setup` builds, else python3. PYTHON=echo
+# prints every command instead of running it (a dry run).
+default_python() {
+  if [ -x .venv/bin/python ]; then echo .venv/bin/python; else echo python3; fi
+}
+
+# The python that answers questions about the task (under PYTHON=echo still a real one; these
+# helpers import neither torch nor the models).
+fact_python() {
+  if [ "${PYTHON}" = echo ]; then default_python; else echo "${PYTHON}"; fi
+}
+
+# LAUNCH: the command that starts a stage script: plain python on one device, torchrun on
+# several (as "$PYTHON -m torch.distributed.run", the module behind torchrun, so that
+# PYTHON=echo prints every command and the venv's interpreter is the one used).
+set_launch() {
+  LAUNCH=("${PYTHON}")
   if [ "${NUM_GPU}" -gt 1 ]; then
-    echo "${PYTHON:-python} -m torch.distributed.run --standalone --nproc_per_node ${NUM_GPU}"
-  else
-    echo "${PYTHON:-python}"
+    LAUNCH+=(-m torch.distributed.run --standalone --nproc_per_node "${NUM_GPU}")
   fi
 }
 
@@ -23,18 +34,38 @@ per_process_batch() {
 }
 
 # Task facts (domains, fit domain) are written once, in data_processing.py's processors; the
-# launchers ask for them. (Under PYTHON=echo, the dry run, they are still asked from python3.)
+# launchers ask for them.
 task_fact() {  # TASK FIELD
-  local python=${PYTHON:-python}
-  if [ "${python}" = echo ]; then python=python3; fi
-  "${python}" data_processing.py fact "$1" "$2" "$(data_dir_of "$1")"
+  "$(fact_python)" data_processing.py fact "$1" "$2" "$(data_dir_of "$1")"
 }
 
-# The data folder of a task: <TASK>_DIR (MNLI_DIR, AMAZON_DIR, ...), else dataset/<task>.
+# The name of the variable holding a task's data folder: MNLI_DIR, AMAZON_DIR, CUSTOM_DIR, ...
+data_dir_var() {
+  echo "$(echo "$1" | tr '[:lower:]' '[:upper:]')_DIR"
+}
+
+# The data folder of a task: <TASK>_DIR, else dataset/<task>.
 data_dir_of() {
   local var
-  var="$(echo "$1" | tr '[:lower:]' '[:upper:]')_DIR"
+  var=$(data_dir_var "$1")
   echo "${!var:-dataset/$1}"
+}
+
+# Stop with the variable to set when a task's data folder is not there (a dry run only warns:
+# it prints the commands; a task whose domains live in its folder still stops, asking for them).
+check_data_dir() {
+  local var dir level=error
+  var=$(data_dir_var "$1")
+  dir=$(data_dir_of "$1")
+  if [ -d "${dir}" ]; then return 0; fi
+  if [ "${PYTHON}" = echo ]; then level=warning; fi
+  if [ -z "${!var:-}" ]; then
+    echo "${level}: ${var} is not set and ${dir} does not exist: set ${var} to the folder of" \
+         "the $1 data (python download.py fetches MNLI and Amazon into dataset/)" >&2
+  else
+    echo "${level}: ${var}=${dir}: no such folder" >&2
+  fi
+  [ "${level}" = warning ]
 }
 
 # The domains of a task: <TASK>_DOMAINS if set (a subset), else all of the task's domains.
@@ -44,22 +75,33 @@ domains_of() {
   if [ -n "${!var:-}" ]; then echo "${!var}"; else task_fact "$1" domains; fi
 }
 
-fit_domain_of() {
-  task_fact "$1" fit_domain
+# EXTRA: the words of EXTRA_ARGS (free-form flags, split on whitespace as typed).
+set_extra() {
+  read -r -a EXTRA <<< "${EXTRA_ARGS}"
 }
 
-# Optional flag only when its value is set: opt --vocab_file "$VOCAB_FILE"
-opt() {
-  if [ -n "$2" ]; then echo "$1 $2"; fi
+# COMMON: flags every stage takes from the shared settings and from its own block (BATCH, LR,
+# EPOCHS). Paths are kept whole (a folder name may hold spaces). set_common TRAIN_RATIO SEED
+set_common() {
+  COMMON=(--max_seq_length "${MAX_SEQ_LENGTH}" --batch_size "${BATCH}" --learning_rate "${LR}"
+          --num_train_epochs "${EPOCHS}" --train_ratio "$1" --val_freq "${VAL_FREQ}" --seed "$2"
+          --amp "${AMP}" --do_train)
+  if [ -n "${VOCAB_FILE}" ]; then COMMON+=(--vocab_file "${VOCAB_FILE}"); fi
+  if [ -n "${CACHE_DIR}" ]; then COMMON+=(--cache_dir "${CACHE_DIR}"); fi
+  if [ "${DO_TEST}" = 1 ]; then COMMON+=(--do_test); fi
+  if [ "${SKIP_FINISHED}" = 1 ]; then COMMON+=(--skip_finished); fi
+  set_extra
+  COMMON+=(${EXTRA[@]+"${EXTRA[@]}"})
 }
 
-# Flags every stage takes from the shared settings and from its own block (BATCH, LR, EPOCHS):
-# common_args TRAIN_RATIO SEED
-common_args() {
-  echo "--max_seq_length ${MAX_SEQ_LENGTH} --batch_size ${BATCH} --learning_rate ${LR}" \
-       "--num_train_epochs ${EPOCHS} --train_ratio $1 --val_freq ${VAL_FREQ} --seed $2" \
-       "--amp ${AMP} $(opt --vocab_file "${VOCAB_FILE}") $(opt --cache_dir "${CACHE_DIR}")" \
-       "--do_train $([ "${DO_TEST}" = 1 ] && echo --do_test) ${EXTRA_ARGS}"
+# Whether a run said it finished (its test too when DO_TEST=1); torch-free, so it is quick.
+# Interrupted runs are not finished: with SKIP_FINISHED=1 the stage resumes them.
+run_finished() {
+  if [ "${DO_TEST}" = 1 ]; then
+    "$(fact_python)" utils.py finished "$1" --tested
+  else
+    "$(fact_python)" utils.py finished "$1"
+  fi
 }
 
 # The seed of the teacher run a student of seed $1 distils (TEACHER_SEED, else the same seed).
@@ -67,17 +109,25 @@ teacher_seed() {
   echo "${TEACHER_SEED:-$1}"
 }
 
-# Teacher flags of stages 1 and 3 (TEACHER_CONFIG, TEACHER_INIT from the launcher's block;
+# TEACHER: flags of stages 1 and 3 (TEACHER_CONFIG, TEACHER_INIT from the launcher's block;
 # an empty TEACHER_CONFIG takes the config.json of TEACHER_INIT).
-teacher_args() {
-  echo "$(opt --model_config "${TEACHER_CONFIG}") $(opt --init_checkpoint "${TEACHER_INIT}")"
+set_teacher() {
+  TEACHER=()
+  if [ -n "${TEACHER_CONFIG}" ]; then TEACHER+=(--model_config "${TEACHER_CONFIG}"); fi
+  if [ -n "${TEACHER_INIT}" ]; then TEACHER+=(--init_checkpoint "${TEACHER_INIT}"); fi
 }
 
-# Student and distillation flags of stages 2 and 4 (from the launcher's block).
-student_args() {
-  echo "$(opt --student_config "${STUDENT_CONFIG}") $(opt --student_init "${STUDENT_INIT}")" \
-       "$(opt --student_init_layers "${STUDENT_INIT_LAYERS:-}")" \
-       "--hidden_ratio ${HIDDEN_RATIO} --pred_ratio ${PRED_RATIO} --temperature ${TEMPERATURE}"
+# STUDENT: student and distillation flags of stages 2 and 4 (from the launcher's block).
+set_student() {
+  STUDENT=(--hidden_ratio "${HIDDEN_RATIO}" --pred_ratio "${PRED_RATIO}"
+           --temperature "${TEMPERATURE}")
+  if [ -n "${STUDENT_CONFIG}" ]; then STUDENT+=(--student_config "${STUDENT_CONFIG}"); fi
+  if [ -n "${STUDENT_INIT}" ]; then STUDENT+=(--student_init "${STUDENT_INIT}"); fi
+  if [ -n "${STUDENT_INIT_LAYERS:-}" ]; then
+    local blocks
+    read -r -a blocks <<< "${STUDENT_INIT_LAYERS}"
+    STUDENT+=(--student_init_layers "${blocks[@]}")
+  fi
 }
 
 # PRESET=<name> loads presets/<name>.sh first: a named configuration (e.g. PRESET=real, the
@@ -94,6 +144,7 @@ if [ -n "${PRESET}" ]; then
 fi
 
 # Defaults every launcher shares; each can be overridden from the environment.
+PYTHON=${PYTHON:-$(default_python)}
 NUM_GPU=${NUM_GPU:-1}
 SEEDS=${SEEDS:-42}
 TEACHER_SEED=${TEACHER_SEED:-}          # stages 2 and 4: distil this seed's teacher for every
@@ -108,8 +159,9 @@ MNLI_DOMAINS=${MNLI_DOMAINS:-}          # empty: every genre (data_processing.py
 AMAZON_DOMAINS=${AMAZON_DOMAINS:-}      # empty: every domain
 OUT_ROOT=${OUT_ROOT:-runs}
 VOCAB_FILE=${VOCAB_FILE:-}
-CACHE_DIR=${CACHE_DIR:-}             # tokenized-feature cache; empty: <data folder>/cache
+CACHE_DIR=${CACHE_DIR:-}             # tokenized-feature cache; empty: ~/.cache/hrkd
 DO_TEST=${DO_TEST:-1}                # 0: train and keep dev figures only (tuning runs)
+SKIP_FINISHED=${SKIP_FINISHED:-0}    # 1: leave finished runs alone, resume interrupted ones
 EXTRA_ARGS=${EXTRA_ARGS:-}           # e.g. "--overwrite", "--resume", "--no_progress"
 
 # Few-shot: the paper trains on p% of the training data; train_ratio = 0.9 x p / 100.
@@ -125,9 +177,11 @@ run_modes() {
     *) echo "error: MODE must be full, fewshot or both, got ${MODE}" >&2; return 1 ;;
   esac
   local task
-  for task in ${TASKS}; do  # an unknown task stops here, not inside a command's arguments
+  for task in ${TASKS}; do  # an unknown task or a missing folder stops here, before any run
+    check_data_dir "${task}"
     task_fact "${task}" domains > /dev/null
   done
+  set_launch
   if [ "${MODE}" != fewshot ]; then
     run_stage "${OUT_ROOT}" 0.9
   fi

@@ -36,7 +36,7 @@ from modeling import (BertClassifier, check_sequence_length, config_source, load
                       model_from_checkpoint, resolve_config, split_output)
 from runtime import AMP_DTYPES, to_device, unwrap
 from training import weights_digest
-from utils import best_model_name
+from utils import best_model_name, logger
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +136,33 @@ def build_teacher(config_flag: Optional[str], init: Optional[str], vocab_size: i
     model = BertClassifier(config, num_labels, num_domains=num_domains)
     if init:
         load_weights(model, init)
+    else:
+        warn_random_init(config, "--init_checkpoint", "bert-base-uncased")
     return model
+
+
+# Width from which a randomly initialised model is a mistake rather than a test (the demo's
+# tiny models are 64 wide at most; BERT-base 768, TinyBERT 312).
+RANDOM_INIT_WARNING_WIDTH = 256
+
+
+def warn_random_init(config, flag: str, expected: str):
+    if config.hidden_size >= RANDOM_INIT_WARNING_WIDTH:
+        logger.warning("no %s: this %d-layer, %d-wide model starts from random weights and "
+                       "will learn little on these data sets; the paper starts from %s (or "
+                       "give all-MiniLM-L6-v2: PRESET=real)", flag, config.num_hidden_layers,
+                       config.hidden_size, expected)
+
+
+def check_heads(student_config, teacher_config):
+    """Attention distillation compares the scores head by head: the counts must match."""
+    if student_config.num_attention_heads != teacher_config.num_attention_heads:
+        raise ValueError(
+            f"the student has {student_config.num_attention_heads} attention heads and the "
+            f"teacher {teacher_config.num_attention_heads}: attention distillation compares "
+            f"them head by head; give the student {teacher_config.num_attention_heads} heads "
+            f"(a --student_config whose num_attention_heads is "
+            f"{teacher_config.num_attention_heads} and whose width it divides)")
 
 
 def check_layer_ratio(student_layers: int, teacher_layers: int, blocks=None):
@@ -164,12 +190,15 @@ def build_student(config_flag: Optional[str], init: Optional[str], blocks: Optio
     if blocks and not config_flag:
         config.num_hidden_layers = len(blocks)
     check_layer_ratio(config.num_hidden_layers, teacher_config.num_hidden_layers, blocks)
+    check_heads(config, teacher_config)
     check_sequence_length(teacher_config, max_seq_length, "teacher")
     check_sequence_length(config, max_seq_length, "student")
     student = BertClassifier(config, num_labels, num_domains=num_domains,
                              fit_size=teacher_config.hidden_size)
     if init:
         load_weights(student, init, blocks=blocks)
+    else:
+        warn_random_init(config, "--student_init", "the general TinyBERT 4L-312")
     return student
 
 
@@ -242,14 +271,18 @@ def cross_entropy_loss(model, batches):
     return {"loss": F.cross_entropy(logits.float(), batch["labels"])}
 
 
-def make_kd_loss(teacher, distill: DistillConfig):
-    """Stage 2 (TinyBERT-KD): hidden-state, attention and prediction distillation."""
+def make_kd_loss(teacher, distill: DistillConfig, targets=None):
+    """Stage 2 (TinyBERT-KD): hidden-state, attention and prediction distillation. With
+    ``targets`` (teacher_cache.TeacherTargets, once filled) the teacher's outputs are read
+    from the cache instead of recomputed."""
 
     def compute_loss(student, batches):
         batch = batches[0]
         inputs = (batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
         student_layers = unwrap(student).config.num_hidden_layers
-        teacher_out = frozen_teacher_outputs(teacher, *inputs, None, student_layers)
+        cached = targets.outputs(batches) if targets is not None else None
+        teacher_out = cached[0] if cached else frozen_teacher_outputs(teacher, *inputs, None,
+                                                                      student_layers)
         student_out = student(*inputs)
         return tinybert_kd_loss(student_out, teacher_out, distill.hidden_ratio,
                                 distill.pred_ratio, distill.temperature)
@@ -281,13 +314,18 @@ def make_multi_domain_ce(graph=None):
 
 
 def make_hrkd_loss(teachers, groups, weighting: Optional["DomainWeighting"],
-                   distill: DistillConfig, recorder: Optional["WeightRecorder"] = None):
+                   distill: DistillConfig, recorder: Optional["WeightRecorder"] = None,
+                   targets=None):
     """Stage 4: every domain's distillation loss, its layer terms weighted by w[l, d] from
-    ``weighting`` (None: multi-domain KD, every w = 1). One student forward for all domains."""
+    ``weighting`` (None: multi-domain KD, every w = 1). One student forward for all domains.
+    With ``targets`` (teacher_cache.TeacherTargets, once filled) the teachers' outputs are read
+    from the cache."""
 
     def compute_loss(student, batches):
         student_layers = unwrap(student).config.num_hidden_layers
-        teacher_outs = teacher_outputs(teachers, groups, batches, student_layers)
+        teacher_outs = targets.outputs(batches) if targets is not None else None
+        if teacher_outs is None:
+            teacher_outs = teacher_outputs(teachers, groups, batches, student_layers)
         losses = {}
         if weighting is not None:
             losses.update(weighting.before_step(student, batches, teacher_outs))

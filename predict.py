@@ -1,8 +1,12 @@
 """Labels and probabilities for texts, from a run directory or an exported folder.
 
 Reads  the model: a run directory (its best checkpoint, or the one best on --domain), a
-       checkpoint file, or a folder written by export.py; the texts: arguments, --file, or
-       standard input, one example per line (a tab separates the two texts of a pair).
+       checkpoint file (best_model_<domain>.bin names its domain), or a folder written by
+       export.py; the texts: arguments, standard input (one example per line, a tab
+       separating a pair's two texts), or --file, read by its extension: .tsv / .csv with a
+       header and .jsonl as the data sets are (text or sentence / sentence1, optional
+       text_pair or sentence2; a label column is ignored), .review files by their reviews,
+       anything else one example per line.
 Writes TSV (text, label, one probability column per label) or JSON lines to standard output
        (or --out), in input order; a progress bar on standard error for large inputs.
 
@@ -22,7 +26,7 @@ import torch
 
 import training
 import utils
-from data_processing import WordPieceTokenizer
+from data_processing import WordPieceTokenizer, plain_text_examples, read_texts
 from export import checkpoint_for, run_settings
 from modeling import (BertClassifier, BertConfig, load_weights, model_from_checkpoint,
                       read_checkpoint)
@@ -65,8 +69,13 @@ class Predictor:
         domains = content.get("domains") or []
         self.head = None
         if self.model.num_domains is not None:
+            domain = domain or utils.domain_of_checkpoint(checkpoint, domains)
+            if domain is None:
+                raise ValueError(f"{checkpoint}: a multi-domain model; pass --domain, one of "
+                                 f"{', '.join(domains)}")
             if domain not in domains:
-                raise ValueError(f"{checkpoint}: pass --domain, one of {', '.join(domains)}")
+                raise ValueError(f"--domain {domain}: not a domain of {checkpoint} (one of "
+                                 f"{', '.join(domains)})")
             self.head = domains.index(domain)
         settings = run_settings(source)
         folder = source if os.path.isdir(source) else os.path.dirname(source)
@@ -94,15 +103,8 @@ class Predictor:
 
 
 def read_examples(lines: Iterable[str]) -> List[Tuple[str, Optional[str]]]:
-    """One example a line; a tab separates a pair's two texts; blank lines are skipped."""
-    examples = []
-    for line in lines:
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        first, _, second = line.partition("\t")
-        examples.append((first, second or None))
-    return examples
+    """Arguments or standard input: one example a line, a tab separating a pair's texts."""
+    return plain_text_examples(lines)
 
 
 def format_rows(examples, probabilities, labels, fmt: str) -> List[str]:
@@ -125,16 +127,21 @@ def format_rows(examples, probabilities, labels, fmt: str) -> List[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument("model", help="run directory, checkpoint file, or exported folder")
     parser.add_argument("texts", nargs="*", help="texts to classify (a tab separates a pair)")
-    parser.add_argument("--file", help="one example per line ('-' or none: standard input)")
-    parser.add_argument("--domain", help="the domain head of a multi-domain model")
-    parser.add_argument("--format", choices=["tsv", "jsonl"], default="tsv")
+    parser.add_argument("--file", help="input file, read by its extension (.tsv/.csv with a "
+                        "header, .jsonl, .review, else one example per line); '-' or none: "
+                        "standard input")
+    parser.add_argument("--domain", help="the domain head of a multi-domain model (default: "
+                        "the domain a best_model_<domain>.bin was chosen on)")
+    parser.add_argument("--format", choices=["tsv", "jsonl"], default="tsv",
+                        help="output format")
     parser.add_argument("--out", help="write here instead of standard output")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64, help="examples per forward")
     parser.add_argument("--max_seq_length", type=int, help="default: the run's")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda")
     args = parser.parse_intermixed_args(argv)  # texts may follow the options
 
     def run():
@@ -145,8 +152,7 @@ def main(argv=None) -> int:
         elif args.file and args.file != "-":
             if not os.path.isfile(args.file):
                 raise FileNotFoundError(f"{args.file}: input file not found")
-            with open(args.file, encoding="utf-8", errors="replace") as handle:
-                examples = read_examples(handle)
+            examples = read_texts(args.file)
         else:
             examples = read_examples(sys.stdin)
         predictor = Predictor(args.model, args.domain, args.max_seq_length, args.device)

@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+import utils
 from data_processing import PROCESSORS
 from variants import VARIANTS
 
@@ -49,8 +50,9 @@ PAPER_ROWS = {"Single-domain teacher", "Multi-domain teacher", "TinyBERT-KD"} | 
 
 
 def _test_accuracy(run_dir: str, domain: str) -> Optional[float]:
+    """A finished run's test accuracy on ``domain`` (a stopped run's figures are left out)."""
     path = os.path.join(run_dir, "results.json")
-    if not os.path.isfile(path):
+    if utils.run_status(run_dir, need_test=True)["state"] != "finished":
         return None
     with open(path, encoding="utf-8") as handle:
         results = json.load(handle)
@@ -261,8 +263,26 @@ def study_summary(root: str, task: str, unreliable: str):
     return header, rows
 
 
+def incomplete_runs(root: str) -> List[List[str]]:
+    """[run directory, how far it got] of every run under ``root`` that has not said it
+    finished (stopped, killed, still running): they are in no table."""
+    rows = []
+    for folder, subfolders, files in os.walk(root):
+        if "results.json" in files or "last_checkpoint.pt" in files:
+            subfolders[:] = []
+            status = utils.run_status(folder, need_test=True)
+            if status["state"] != "finished":
+                rows.append([os.path.relpath(folder, root), utils.describe_status(status)])
+    return sorted(rows)
+
+
 def report(root: str, out_dir: str, tasks: List[str]) -> str:
     printed = []
+    unfinished = incomplete_runs(root)
+    if unfinished:
+        printed.append(write_table(out_dir, "incomplete_runs", ["Run", "State"], unfinished,
+                                   "runs left out: not finished (resume them with "
+                                   "--resume or SKIP_FINISHED=1)"))
     for task in tasks:
         domains = task_domains(root, task)
         table = collect(root, task)
@@ -296,7 +316,8 @@ def report(root: str, out_dir: str, tasks: List[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Tables and plots from run directories.")
+    parser = argparse.ArgumentParser(description="Tables and plots from run directories.",
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument("--runs", default="runs", help="the runs root the .sh files write")
     parser.add_argument("--out", default=None, help="default: <runs>/report")
     parser.add_argument("--tasks", nargs="+", default=list(PROCESSORS), choices=list(PROCESSORS))

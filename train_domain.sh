@@ -25,9 +25,10 @@ run_stage() {  # every domain of a task in one process (one start-up, one torch 
   local root=$1 ratio=$2
   for TASK in ${TASKS}; do
     for SEED in ${SEEDS}; do
+      set_teacher; set_common "${ratio}" "${SEED}"
       # shellcheck disable=SC2046
-      $(launcher) train_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
-        --domain $(domains_of "${TASK}") $(teacher_args) $(common_args "${ratio}" "${SEED}") \
+      "${LAUNCH[@]}" train_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
+        --domain $(domains_of "${TASK}") "${TEACHER[@]}" "${COMMON[@]}" \
         --output_dir "${root}/train_domain/${TASK}/{domain}/seed${SEED}"
     done
   done

@@ -23,7 +23,7 @@ from objectives import build_teacher, make_multi_domain_ce
 
 
 def build_parser():
-    parser = stages.stage_parser(__doc__, lr=5e-5, epochs=3, batch_size=32)
+    parser = stages.stage_parser(__doc__, lr=5e-5, epochs=3, batch_size=32, multi_domain=True)
     model = stages.add_teacher_args(parser)
     model.add_argument("--use_graph", action="store_true",
                        help="weight each domain's cross-entropy by a domain-relational graph "

@@ -25,10 +25,11 @@ run_stage() {
   local root=$1 ratio=$2
   for TASK in ${TASKS}; do
     for SEED in ${SEEDS}; do
-      # shellcheck disable=SC2046,SC2086
-      $(launcher) train_multi_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
-        --domain "$(fit_domain_of "${TASK}")" $(teacher_args) ${GRAPH_ARGS} \
-        $(common_args "${ratio}" "${SEED}") \
+      set_teacher; set_common "${ratio}" "${SEED}"
+      # the fit domain is the task's own (train_multi_domain.py knows it)
+      # shellcheck disable=SC2086
+      "${LAUNCH[@]}" train_multi_domain.py --task "${TASK}" \
+        --data_dir "$(data_dir_of "${TASK}")" "${TEACHER[@]}" ${GRAPH_ARGS} "${COMMON[@]}" \
         --output_dir "${root}/train_multi_domain/${TASK}/seed${SEED}"
     done
   done

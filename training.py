@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from runtime import Distributed, autocast, make_scaler, to_device, unwrap
-from utils import RunDir, atomic_torch_save, logger
+from utils import STOPS, RunDir, RunStopped, atomic_torch_save, logger, plural
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,8 +33,11 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "layernorm" in name.lower()
 
 
-def build_optimizer(modules: Dict[str, nn.Module], lr: float, weight_decay: float):
-    """AdamW (0.9, 0.999, 1e-8) over the named modules' trainable parameters."""
+def build_optimizer(modules: Dict[str, nn.Module], lr: float, weight_decay: float,
+                    fused: bool = False):
+    """AdamW (0.9, 0.999, 1e-8) over the named modules' trainable parameters. ``fused``: the
+    one-kernel AdamW (faster; its fp32 rounding differs from the default in the last bit, so
+    only the mixed-precision runs use it and the fp32 recipe's numbers stay as they were)."""
     decay, no_decay = [], []
     for prefix, module in modules.items():
         for name, parameter in module.named_parameters():
@@ -42,7 +45,8 @@ def build_optimizer(modules: Dict[str, nn.Module], lr: float, weight_decay: floa
                 (no_decay if _no_decay(f"{prefix}.{name}") else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             **({"fused": True} if fused else {}))
 
 
 def linear_warmup_schedule(optimizer, total_steps: int, warmup_proportion: float):
@@ -199,7 +203,8 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
     model = dist.wrap(stage.model.to(device))
     stage.model = model
     modules = {"model": unwrap(model), **(stage.extra_modules if stage.optimise_extra else {})}
-    optimizer = build_optimizer(modules, args.learning_rate, args.weight_decay)
+    optimizer = build_optimizer(modules, args.learning_rate, args.weight_decay,
+                                fused=args.amp != "off")
     scheduler = linear_warmup_schedule(optimizer, total_steps, args.warmup_proportion)
     scaler = make_scaler(device, args.amp)
     state = TrainState()
@@ -208,56 +213,92 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
     writer = None
     if dist.is_main:
         writer = summary_writer(run.file("tensorboard"))
-    logger.info("training %s on %s: %d steps (%d per epoch), batch %d x %d domain(s) x %d "
-                "process(es)", type(unwrap(model)).__name__, ",".join(stage.domains),
-                total_steps, len(sampler), args.batch_size, len(stage.domains), dist.world_size)
+    logger.info("training %s on %s: %s (%d per epoch), batch %d x %s x %s",
+                type(unwrap(model)).__name__, ",".join(stage.domains), plural(total_steps, "step"),
+                len(sampler), args.batch_size, plural(len(stage.domains), "domain"),
+                plural(dist.world_size, "process", "processes"))
     parameters = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not dist.is_main
                     or args.no_progress, desc="train", dynamic_ncols=True)
     model.train()
     for module in stage.extra_modules.values():
         module.train()
-    while state.global_step < total_steps:
-        for indices in sampler.epoch(state.epoch, state.step_in_epoch):
-            batches = [to_device(take(stage.train_features[d], idx), device)
-                       for d, idx in zip(stage.domains, indices)]
-            with autocast(device, args.amp):
-                losses = stage.compute_loss(model, batches)
-            _optimisation_step(args, losses["loss"], optimizer, scheduler, scaler, parameters,
-                               state, dist, stage.extra_modules if stage.optimise_extra else {})
-            state.global_step += 1
-            state.step_in_epoch += 1
-            _injected_fault(state.global_step, dist.rank)
-            progress.update(1)
-            if dist.is_main:
-                scalars = {k: float(v.detach()) for k, v in losses.items()}
-                scalars["lr"] = scheduler.get_last_lr()[0]
-                _log_scalars(writer, "train", scalars, state.global_step)
-                progress.set_postfix(loss=f"{scalars['loss']:.4f}")
-            finished = state.global_step >= total_steps
-            if state.global_step % args.val_freq == 0 or finished:
-                _evaluate_and_save(args, stage, run, dist, state, writer, optimizer, scheduler,
-                                   scaler)
-            if finished:
-                break
-        else:
-            state.epoch += 1
-            state.step_in_epoch = 0
-    progress.close()
-    if writer is not None:
-        writer.close()
+    resume_state = (run, stage, optimizer, scheduler, scaler)
+    # SIGINT / SIGTERM inside the loop stop it at the next step boundary (_stop_if_asked).
+    with STOPS.deferred():
+        try:
+            _stop_if_asked(state, total_steps, dist, resume_state)
+            while state.global_step < total_steps:
+                for indices in sampler.epoch(state.epoch, state.step_in_epoch):
+                    # example_index: which training examples (the teacher cache's rows)
+                    batches = [to_device({**take(stage.train_features[d], idx),
+                                          "example_index": torch.as_tensor(idx)}, device)
+                               for d, idx in zip(stage.domains, indices)]
+                    with autocast(device, args.amp):
+                        losses = stage.compute_loss(model, batches)
+                    _optimisation_step(args, losses["loss"], optimizer, scheduler, scaler,
+                                       parameters, state, dist,
+                                       stage.extra_modules if stage.optimise_extra else {})
+                    state.global_step += 1
+                    state.step_in_epoch += 1
+                    _injected_fault(state.global_step, dist.rank)
+                    progress.update(1)
+                    if dist.is_main:
+                        scalars = {k: float(v.detach()) for k, v in losses.items()}
+                        scalars["lr"] = scheduler.get_last_lr()[0]
+                        _log_scalars(writer, "train", scalars, state.global_step)
+                        progress.set_postfix(loss=f"{scalars['loss']:.4f}")
+                    finished = state.global_step >= total_steps
+                    if state.global_step % args.val_freq == 0 or finished:
+                        _evaluate_and_save(args, stage, run, dist, state, writer, optimizer,
+                                           scheduler, scaler, total_steps)
+                    if finished:
+                        break
+                    _stop_if_asked(state, total_steps, dist, resume_state)
+                else:
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
     check_replicas_agree(unwrap(model), dist)
     return state
 
 
 def _injected_fault(step: int, rank: int):
     """Fault injection for the reliability tests: HRKD_KILL_AT_STEP=N [HRKD_KILL_RANK=r]
-    SIGKILLs the process right after optimisation step N (on rank r only, if given)."""
+    [HRKD_KILL_SIGNAL=KILL|TERM|INT] sends the signal (default SIGKILL) to the process right
+    after optimisation step N (on rank r only, if given)."""
     target = os.environ.get("HRKD_KILL_AT_STEP")
     if not target or int(target) != step:
         return
     if os.environ.get("HRKD_KILL_RANK", str(rank)) == str(rank):
-        os.kill(os.getpid(), 9)
+        import signal
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("HRKD_KILL_SIGNAL", "KILL")))
+
+
+def _stop_if_asked(state: TrainState, total_steps: int, dist: Distributed, resume_state):
+    """At a step boundary: if SIGINT / SIGTERM arrived (on any rank), save the resume state,
+    say how to continue (train.log and stderr) and raise ``RunStopped``."""
+    signum = STOPS.signum or 0
+    if dist.enabled:  # every rank stops at the same step, or DDP would wait for the others
+        flag = torch.tensor([signum], dtype=torch.long, device=dist.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        signum = int(flag.item())
+    if not signum:
+        return
+    run, stage, optimizer, scheduler, scaler = resume_state
+    import signal
+    if dist.is_main:
+        _save_resume_state(run, stage, state, optimizer, scheduler, scaler)
+        run.update_results(stopped={"step": state.global_step, "total_steps": total_steps,
+                                    "signal": signal.Signals(signum).name})
+    message = (f"stopped at step {state.global_step} of {total_steps} by "
+               f"{signal.Signals(signum).name}; continue with --resume")
+    logger.warning(message)
+    dist.barrier()
+    raise RunStopped(signum, message, logged=True)
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -319,7 +360,7 @@ def _average_extra_gradients(dist: Distributed, extra_modules: Dict[str, nn.Modu
 
 
 def _evaluate_and_save(args, stage: Stage, run: RunDir, dist: Distributed, state: TrainState,
-                       writer, optimizer, scheduler, scaler):
+                       writer, optimizer, scheduler, scaler, total_steps: int):
     """Dev accuracy per domain; keep the best overall and per-domain checkpoints; resume state."""
     if dist.is_main:
         dev = evaluate(unwrap(stage.model), stage.dev_features, stage.head_of,
@@ -346,7 +387,8 @@ def _evaluate_and_save(args, stage: Stage, run: RunDir, dist: Distributed, state
         run.update_results(dev={"best_mean": state.best_mean, "best_step": state.best_step,
                                 "best_per_domain": state.best_per_domain,
                                 "best_step_per_domain": state.best_step_per_domain,
-                                "last": dev, "last_step": state.global_step, **extra})
+                                "last": dev, "last_step": state.global_step,
+                                "total_steps": total_steps, **extra})
         _save_resume_state(run, stage, state, optimizer, scheduler, scaler)
     dist.barrier()
 

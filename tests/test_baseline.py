@@ -29,7 +29,8 @@ def _fake_stage4_run(root, variant, seed, accuracy, kitchen_weight):
     run.mkdir(parents=True)
     domains = ["books", "dvd", "electronics", "kitchen"]
     (run / "results.json").write_text(json.dumps(
-        {"test": {"per_domain": dict(zip(domains, accuracy))}}))
+        {"test": {"per_domain": dict(zip(domains, accuracy))},
+         "finished": {"train_steps": 20, "tested": True}}))
     rest = (1 - kitchen_weight) / 3
     level = [rest, rest, rest, kitchen_weight]
     with open(run / "domain_weights.jsonl", "w") as handle:

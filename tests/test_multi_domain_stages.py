@@ -115,7 +115,8 @@ def test_report_fewshot_and_seed_spread(tmp_path):
     def write(path, values):
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "results.json"), "w") as handle:
-            json.dump({"test": {"per_domain": values}}, handle)
+            json.dump({"test": {"per_domain": values},
+                       "finished": {"train_steps": 10, "tested": True}}, handle)
 
     domains = ["books", "dvd", "electronics", "kitchen"]
     for seed, base in ((1, 0.8), (2, 0.9)):
