@@ -246,6 +246,9 @@ def run_benchmarks(args) -> dict:
               f"{results['matmul_gflop_per_s']:.0f}: " + ", ".join(
                   f"{name} {100 * timing['fraction_of_matmul_rate']:.0f}%"
                   for name, timing in results["train_step"].items()), file=sys.stderr)
+    if "peer" in cases:
+        peer_benchmarks(args, device, teacher_config, student_config, batches, record_pair,
+                        results)
     if "inference" in cases:
         inference_benchmarks(args, device, teacher_config, student_config, generator, results)
     return results
@@ -367,6 +370,99 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
               f"{results['compiled_hrkd_speedup_vs_straightforward']:.2f}x", file=sys.stderr)
 
 
+def textbrewer_step(teacher_config, student_config, batch, device, amp: str = "off"):
+    """The peer a user would pick instead of stage 2: TextBrewer's GeneralDistiller on Hugging
+    Face BERT models of the same sizes, with the same terms (embedding + hidden-state MSE
+    through linear projections, attention MSE on every mapped block, soft cross-entropy at
+    temperature 1) and its own per-batch loss (``train_on_batch``), then the step its training
+    loop takes (backward, clipping at 1.0, AdamW over the student and the projections)."""
+    import textbrewer
+    from textbrewer import DistillationConfig as BrewerDistillation, TrainingConfig
+    from transformers import BertConfig as HFBertConfig, BertForSequenceClassification
+    from distillation import teacher_layer_for
+
+    def hf_model(config):
+        hf = HFBertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                          num_hidden_layers=config.num_hidden_layers,
+                          num_attention_heads=config.num_attention_heads,
+                          intermediate_size=config.intermediate_size,
+                          max_position_embeddings=config.max_position_embeddings,
+                          num_labels=3, attn_implementation="eager")
+        return BertForSequenceClassification(hf).to(device)
+
+    teacher, student = hf_model(teacher_config).eval(), hf_model(student_config).train()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    width_t, width_s = teacher_config.hidden_size, student_config.hidden_size
+    mapped = teacher_layer_for(student_config.num_hidden_layers,
+                               teacher_config.num_hidden_layers)
+    matches = [{"layer_T": 0, "layer_S": 0, "feature": "hidden", "loss": "hidden_mse",
+                "weight": 1, "proj": ["linear", width_s, width_t]}]
+    for i, j in enumerate(mapped, start=1):
+        matches.append({"layer_T": j, "layer_S": i, "feature": "hidden", "loss": "hidden_mse",
+                        "weight": 1, "proj": ["linear", width_s, width_t]})
+        matches.append({"layer_T": j - 1, "layer_S": i - 1, "feature": "attention",
+                        "loss": "attention_mse", "weight": 1})
+
+    def adaptor(batch_, outputs):
+        return {"logits": outputs.logits, "hidden": outputs.hidden_states,
+                "attention": outputs.attentions, "inputs_mask": batch_["attention_mask"]}
+
+    distiller = textbrewer.GeneralDistiller(
+        train_config=TrainingConfig(device=device, log_dir=None, output_dir=tempfile.mkdtemp()),
+        distill_config=BrewerDistillation(temperature=1, intermediate_matches=matches,
+                                          kd_loss_type="ce", kd_loss_weight=1),
+        model_T=teacher, model_S=student, adaptor_T=adaptor, adaptor_S=adaptor)
+    inputs = {"input_ids": batch["input_ids"], "token_type_ids": batch["segment_ids"],
+              "attention_mask": batch["attention_mask"]}
+    parameters = list(student.parameters()) + [p for proj in distiller.projs if proj is not None
+                                               for p in proj.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=0.01)
+    arguments = {"output_hidden_states": True, "output_attentions": True}
+
+    def step():
+        with runtime.autocast(device, amp):
+            loss, _ = distiller.train_on_batch(inputs, arguments)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peer_benchmarks(args, device, teacher_config, student_config, batches, record_pair,
+                    results):
+    """Our stage-2 step (in the run's --amp, with the teacher cache) against TextBrewer's
+    GeneralDistiller step in fp32, in alternating rounds on the same inputs and sizes."""
+    loss_args = DistillConfig(hidden_ratio=1.0, pred_ratio=1.0, temperature=1.0)
+    frozen = objectives.freeze(BertClassifier(teacher_config, 3).to(device), args.amp)
+    student = BertClassifier(student_config, 3, fit_size=teacher_config.hidden_size).to(device)
+    with tempfile.TemporaryDirectory(prefix="bench-teacher-cache-") as folder:
+        targets, indexed = cached_targets([frozen], [[0]], batches[:1],
+                                          student_config.num_hidden_layers, args.amp, device,
+                                          folder)
+        ours = training_step(student, {}, make_kd_loss(frozen, loss_args, targets), indexed,
+                             device, args.amp)
+        ours_live = training_step(student, {}, make_kd_loss(frozen, loss_args), batches[:1],
+                                  device, args.amp)
+        theirs = textbrewer_step(teacher_config, student_config, batches[0], device)
+        ratio = record_pair(("peer_textbrewer_fp32", "peer_ours_stage2_cached"),
+                            (theirs, ours), args.batch)
+        live = record_pair(("peer_textbrewer_fp32_again", "peer_ours_stage2"),
+                           (theirs, ours_live), args.batch)
+    steps = results["train_step"]
+    results["peer"] = {"textbrewer_step_s": steps["peer_textbrewer_fp32"]["median_s"],
+                       "ours_step_s": steps["peer_ours_stage2_cached"]["median_s"],
+                       "ours_vs_textbrewer": ratio["median"], "rounds": ratio,
+                       "ours_uncached_step_s": steps["peer_ours_stage2"]["median_s"],
+                       "ours_uncached_vs_textbrewer": live["median"],
+                       "ours_amp": args.amp}
+    print(f"stage 2 vs TextBrewer GeneralDistiller (fp32): {ratio['median']:.3f}x with the "
+          f"teacher cache, {live['median']:.3f}x without (ours in --amp {args.amp}; medians of "
+          f"{ratio['rounds']} alternating rounds)", file=sys.stderr)
+
+
 def profile_step(step, device, top: int = 12) -> dict:
     """Kernel launches and the most expensive operators of one (warm) step."""
     from torch.profiler import ProfilerActivity, profile
@@ -441,7 +537,8 @@ def build_parser():
                         help="profile one HRKD step (operators, kernel launches)")
     parser.add_argument("--cases", default="train,inference",
                         help="comma-separated: train (every stage's step), hrkd (only the "
-                             "stage-4 pair), inference")
+                             "stage-4 pairs), peer (stage 2 against TextBrewer's "
+                             "GeneralDistiller; needs requirements-dev.txt), inference")
     parser.add_argument("--out", help="write the JSON here (default: stdout)")
     return parser
 

@@ -38,7 +38,11 @@ def test_bench_runs_the_hrkd_pair_only(tmp_path):
     assert bench.main(["--preset", "tiny", "--cases", "hrkd", "--pairs", "2", "--warmup", "0",
                        "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert set(results["train_step"]) == {"stage4_hrkd", "stage4_hrkd_straightforward"}
+    assert set(results["train_step"]) == {"stage4_hrkd", "stage4_hrkd_straightforward",
+                                          "stage4_hrkd_straightforward_again",
+                                          "stage4_hrkd_cached"}
+    assert results["hrkd_cached_speedup_vs_straightforward"] == \
+        results["hrkd_cached_vs_straightforward_rounds"]["median"]
     rounds = results["hrkd_vs_straightforward_rounds"]
     assert rounds["rounds"] == 2 and results["hrkd_speedup_vs_straightforward"] == rounds["median"]
     start, end = results["matmul_gflop_per_s_start_end"]
@@ -48,3 +52,12 @@ def test_bench_runs_the_hrkd_pair_only(tmp_path):
         assert timing["fraction_of_matmul_rate"] == pytest.approx(
             timing["gflop_per_s"] / results["matmul_gflop_per_s"])
     assert results["inference"] == {}
+
+
+def test_bench_times_textbrewer_beside_stage2(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--preset", "tiny", "--cases", "peer", "--pairs", "2", "--warmup", "0",
+                       "--out", str(out)]) == 0
+    peer = json.loads(out.read_text())["peer"]
+    assert peer["textbrewer_step_s"] > 0 and peer["ours_step_s"] > 0
+    assert peer["ours_vs_textbrewer"] == peer["rounds"]["median"] and peer["ours_amp"] == "off"

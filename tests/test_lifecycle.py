@@ -148,7 +148,24 @@ def test_student_heads_must_match_the_teacher(sample, stage3_teacher, tmp_path, 
 
 
 # 3: a corrupt feature cache is named, deleted and rebuilt ------------------------------------
-@pytest.mark.parametrize("content", [b"", b"not a zip file at all", None])
+@pytest.mark.parametrize("content", [b"", b"not a zip file at all", b"PK\x03\x04 torn"])
+def test_bad_feature_cache_files_are_named_and_rebuilt(sample, tmp_path, content, caplog):
+    from data_processing import WordPieceTokenizer, load_task_features
+    tokenizer = WordPieceTokenizer(sample["vocab"])
+    cache = tmp_path / "cache"
+    first = load_task_features("amazon", sample["amazon"], ["books"], tokenizer, 32,
+                               cache_dir=str(cache))
+    [name] = os.listdir(cache)
+    (cache / name).write_bytes(content)
+    with caplog.at_level("WARNING", logger="hrkd"):
+        again = load_task_features("amazon", sample["amazon"], ["books"], tokenizer, 32,
+                                   cache_dir=str(cache))
+    assert f"{cache / name}: feature cache unreadable" in caplog.text
+    assert torch.equal(first["books"]["train"]["input_ids"], again["books"]["train"]["input_ids"])
+    assert torch.load(cache / name, weights_only=True)["dev"]["labels"].shape[0] > 0
+
+
+@pytest.mark.parametrize("content", [None])
 def test_corrupt_feature_cache_is_rebuilt(sample, tmp_path, content):
     cache = tmp_path / "cache"
     first = run_script("train_domain.py", stage1_args(sample, tmp_path / "a") +
@@ -396,7 +413,7 @@ def test_help_shows_each_default_once(script, capsys):
     if script == "finetune_multi_domain":
         for flag in ("--learning_rate", "--num_train_epochs", "--max_seq_length", "--amp",
                      "--temperature"):
-            assert re.search(re.escape(flag) + r" \S+ [^-]*\(default: ", flat), flag
+            assert re.search(re.escape(flag) + r" \S+ (?:(?! --).)*?\(default: ", flat), flag
     if script == "export":
         assert re.search(r"--out OUT output folder \(required\)", flat)
 
