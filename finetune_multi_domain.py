@@ -34,11 +34,16 @@ from objectives import (WEIGHTINGS, DistillConfig, GraphConfig, MetaConfig, Scor
                         load_teachers, make_hrkd_loss, teacher_checkpoints)
 from teacher_cache import TeacherTargets
 from utils import logger
+from variants import VARIANTS
 
 
 def build_parser():
     parser = stages.stage_parser(__doc__, lr=5e-5, epochs=10, batch_size=32, multi_domain=True)
     stages.add_student_args(parser)
+    parser.add_argument("--variant", nargs="+", choices=list(VARIANTS), default=None,
+                        help="run these variants of variants.py (their flags after the ones "
+                             "given), one run each in this process; several: put {variant} in "
+                             "--output_dir")
     graph = parser.add_argument_group("domain weighting (the domain-relational graph)")
     stages.add_switch(graph, "use_graph", True,
                       "weight domains with the graph (--no_use_graph: multi-domain KD)")
@@ -132,7 +137,8 @@ def run(args):
 
 
 def main(argv=None) -> int:
-    return stages.stage_main(build_parser, run, argv)
+    return stages.stage_main(build_parser, run, argv,
+                             variants={name: v.flags for name, v in VARIANTS.items()})
 
 
 if __name__ == "__main__":

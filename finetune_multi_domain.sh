@@ -31,31 +31,34 @@ MODE=${MODE:-full}                                  # full | fewshot | both
 FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"1 2 5 10 20"}
 # ---------------------------------------------------------------------------------------------
 
-variant_args() {  # the variant's flags, from variants.py (the one list of stage-4 runs)
-  "$(fact_python)" variants.py args "$1"
-}
-
-for VARIANT in ${VARIANTS}; do variant_args "${VARIANT}" > /dev/null; done  # unknown: stop now
+for VARIANT in ${VARIANTS}; do  # an unknown variant stops here (variants.py: the one list)
+  "$(fact_python)" variants.py args "${VARIANT}" > /dev/null
+done
 BATCH=$(per_process_batch "${TOTAL_BATCH}")
-run_stage() {
+run_stage() {  # every variant of a task and seed in one process (one start-up, one torch import)
   local root=$1 ratio=$2
   for TASK in ${TASKS}; do
-    for VARIANT in ${VARIANTS}; do
-      for SEED in ${SEEDS}; do
-        local out="${root}/finetune_multi_domain/${TASK}/${VARIANT}/seed${SEED}"
-        if [ "${SKIP_FINISHED}" = 1 ] && run_finished "${out}"; then
-          echo "skipped (finished): ${out}" >&2
-          continue
+    for SEED in ${SEEDS}; do
+      local base="${root}/finetune_multi_domain/${TASK}" todo=() out
+      for VARIANT in ${VARIANTS}; do
+        if [ "${SKIP_FINISHED}" = 1 ] && run_finished "${base}/${VARIANT}/seed${SEED}"; then
+          echo "skipped (finished): ${base}/${VARIANT}/seed${SEED}" >&2
+        else
+          todo+=("${VARIANT}")
         fi
-        set_student; set_common "${ratio}" "${SEED}"
-        # the fit domain is the task's own (finetune_multi_domain.py knows it)
-        # shellcheck disable=SC2046,SC2086
-        "${LAUNCH[@]}" finetune_multi_domain.py --task "${TASK}" \
-          --data_dir "$(data_dir_of "${TASK}")" \
-          --teacher_dir "${root}/train_multi_domain/${TASK}/seed$(teacher_seed "${SEED}")" \
-          "${STUDENT[@]}" --graph_dropout "${GRAPH_DROPOUT}" $(variant_args "${VARIANT}") \
-          ${META_ARGS} "${COMMON[@]}" --output_dir "${out}"
       done
+      if [ "${#todo[@]}" -eq 0 ]; then continue; fi
+      out="${base}/{variant}/seed${SEED}"
+      if [ "${#todo[@]}" -eq 1 ]; then out="${base}/${todo[0]}/seed${SEED}"; fi
+      set_student; set_common "${ratio}" "${SEED}"
+      # the fit domain is the task's own (finetune_multi_domain.py knows it); each variant's
+      # flags come from variants.py
+      # shellcheck disable=SC2086
+      "${LAUNCH[@]}" finetune_multi_domain.py --task "${TASK}" \
+        --data_dir "$(data_dir_of "${TASK}")" \
+        --teacher_dir "${root}/train_multi_domain/${TASK}/seed$(teacher_seed "${SEED}")" \
+        "${STUDENT[@]}" --graph_dropout "${GRAPH_DROPOUT}" --variant "${todo[@]}" \
+        ${META_ARGS} "${COMMON[@]}" --output_dir "${out}"
     done
   done
 }

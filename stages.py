@@ -504,17 +504,42 @@ def skip_or_resume(args) -> bool:
     return False
 
 
+def runs_per_variant(parser: argparse.ArgumentParser, argv: List[str], args,
+                     variants: Optional[Dict[str, str]]) -> List[argparse.Namespace]:
+    """One namespace per --variant (stage 4): the variant's flags (variants.py) parsed after
+    the given ones, {variant} in --output_dir filled in. Several variants in one process save
+    a process start, the imports and the teachers' loading per run."""
+    names = getattr(args, "variant", None)
+    if not names:
+        return [args]
+    if len(names) > 1 and "{variant}" not in args.output_dir:
+        raise ValueError("--output_dir must contain {variant} when several variants are given")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--variant lists a variant twice ({' '.join(names)})")
+    runs = []
+    for name in names:
+        one = parser.parse_args(list(argv) + variants[name].split())
+        one.variant = [name]
+        one.output_dir = one.output_dir.replace("{variant}", name)
+        runs.append(one)
+    return runs
+
+
 def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
                run: Callable[[argparse.Namespace], None], argv=None,
-               per_domain: bool = False) -> int:
-    """The entry point: parse, then run once per domain (stages 1-2 may take several, saving a
-    process start and the imports per domain), stopping at the first failure. SIGINT and
-    SIGTERM stop the run cleanly (training.train saves the resume state at a step boundary;
-    exit status 130 / 143, one line, no traceback)."""
-    args = build_parser().parse_args(argv)
+               per_domain: bool = False, variants: Optional[Dict[str, str]] = None) -> int:
+    """The entry point: parse, then run once per domain (stages 1-2 may take several) or per
+    variant (stage 4), saving a process start and the imports per run, stopping at the first
+    failure. SIGINT and SIGTERM stop the run cleanly (training.train saves the resume state at
+    a step boundary; exit status 130 / 143, one line, no traceback)."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
     try:
         def run_all():
-            for one in runs_per_domain(args, per_domain):
+            every = [one for per_variant in runs_per_variant(parser, argv, args, variants)
+                     for one in runs_per_domain(per_variant, per_domain)]
+            for one in every:
                 if skip_or_resume(one):
                     continue
                 try:

@@ -103,3 +103,36 @@ def test_several_domains_need_a_domain_placeholder(sample, tmp_path):
     args[args.index("--domain") + 1: args.index("--domain") + 2] = ["books", "dvd"]
     assert train_domain.main(args) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_several_variants_in_one_process_equal_separate_runs(sample, tmp_path):
+    """Stage 4 runs each --variant in turn in one process (the launcher saves a start-up, the
+    imports and the teachers' loading per variant); each run is the one its flags make alone."""
+    import json
+    import torch
+    import finetune_multi_domain
+    import train_multi_domain
+    from variants import VARIANTS
+    teacher = tmp_path / "teacher"
+    assert train_multi_domain.main(tiny_teacher_args(sample, teacher, 2, "--do_train")) == 0
+
+    def args(out, *extra):
+        return ["--task", "amazon", "--data_dir", sample["amazon"], "--teacher_dir",
+                str(teacher), "--student_config", "tiny_student", "--max_seq_length", "32",
+                "--batch_size", "4", "--max_steps", "3", "--val_freq", "3", "--no_progress",
+                "--do_train", "--do_test", "--output_dir", str(out), *extra]
+
+    names = ["hrkd", "no_graph"]
+    assert finetune_multi_domain.main(args(tmp_path / "together" / "{variant}", "--variant",
+                                           *names)) == 0
+    for name in names:
+        assert finetune_multi_domain.main(args(tmp_path / "alone" / name,
+                                               *VARIANTS[name].flags.split())) == 0
+        read = lambda kind: json.load(open(tmp_path / kind / name / "results.json"))
+        assert read("together") == read("alone")
+        weights = [torch.load(tmp_path / kind / name / "last_checkpoint.pt",
+                              weights_only=True)["model"] for kind in ("together", "alone")]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    config = json.load(open(tmp_path / "together" / "no_graph" / "config.json"))["args"]
+    assert config["use_graph"] is False and config["variant"] == ["no_graph"]
+    assert finetune_multi_domain.main(args(tmp_path / "flat", "--variant", *names)) == 1
