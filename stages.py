@@ -427,6 +427,8 @@ def compiled(compute_loss, backend: str, mode: Optional[str] = None):
     graph and the loss terms (dynamo falls back to eager where it must, e.g. the meta step's
     nested autograd). Shapes are fixed (every batch is padded to --max_seq_length and holds
     --batch_size examples per domain), so it compiles once."""
+    import teacher_cache
+    teacher_cache.keep_out_of_compiled_regions()
     return torch.compile(compute_loss, backend=backend, mode=mode, dynamic=False)
 
 

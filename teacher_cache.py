@@ -96,7 +96,6 @@ class DomainTargets:
         dtype = self.dtypes[name]
         return rows.view(dtype) if dtype in _RAW_DTYPES else rows
 
-    @torch.compiler.disable  # numpy reads: outside any compiled region
     def output(self, indices: torch.Tensor, device: torch.device) -> ModelOutput:
         index = indices.cpu().numpy()
         hidden = [None] * (self.teacher_layers + 1)
@@ -107,6 +106,15 @@ class DomainTargets:
             scores[layer - 1] = self._rows(f"scores_{layer}", index).to(device,
                                                                         non_blocking=True)
         return ModelOutput(self._rows("logits", index).to(device), hidden, scores)
+
+
+def keep_out_of_compiled_regions():
+    """Under --compile the numpy reads of ``DomainTargets.output`` run eagerly, outside the
+    compiled loss. Done on demand: ``torch.compiler.disable`` imports dynamo, two seconds of
+    every process start otherwise."""
+    if not getattr(DomainTargets.output, "_kept_eager", False):
+        DomainTargets.output = torch.compiler.disable(DomainTargets.output)
+        DomainTargets.output._kept_eager = True
 
 
 class TeacherTargets:

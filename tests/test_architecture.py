@@ -60,3 +60,13 @@ def test_stage_scripts_are_thin():
     for script in STAGE_SCRIPTS:
         lines = open(os.path.join(ROOT, script + ".py"), encoding="utf-8").read().count("\n")
         assert lines <= 150, f"{script}.py has {lines} lines"
+
+
+def test_stage_scripts_do_not_import_dynamo():
+    """torch._dynamo costs about two seconds of every process start; only --compile needs it."""
+    code = ("import sys, train_domain, finetune_domain, train_multi_domain, "
+            "finetune_multi_domain, teacher_cache; "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
