@@ -35,8 +35,9 @@ import torch
 
 import objectives
 import teacher_cache
-from objectives import (DistillConfig, GraphWeighting, cross_entropy_loss, make_hrkd_loss,
-                        make_kd_loss, make_multi_domain_ce)
+from objectives import (DistillConfig, cross_entropy_loss, make_hrkd_loss, make_kd_loss,
+                        make_multi_domain_ce)
+from weighting import GraphWeighting
 import runtime
 import stages
 import training

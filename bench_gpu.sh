@@ -16,7 +16,7 @@ ${PY} -c "import torch; print('torch', torch.__version__)" | tee -a "${OUT}/gpu.
 
 SAMPLE=$(mktemp -d)/sample
 RUNS=$(dirname "${SAMPLE}")/runs
-${PY} data_processing.py --out "${SAMPLE}" --size tiny > /dev/null
+${PY} sample_corpus.py --out "${SAMPLE}" --size tiny > /dev/null
 common="--task amazon --data_dir ${SAMPLE}/amazon --max_seq_length 32 --batch_size 8
         --max_steps 6 --val_freq 3 --no_progress --do_train --do_test"
 ${PY} train_domain.py ${common} --domain books --vocab_file "${SAMPLE}/vocab.txt" \

@@ -18,7 +18,7 @@ rm -rf "${DEMO_ROOT}"
 mkdir -p "${DEMO_ROOT}"
 UNRELIABLE=${UNRELIABLE:-kitchen}
 FLIP_PROB=${FLIP_PROB:-0.4}
-${PYTHON} data_processing.py --out "${SAMPLE}" --size small > /dev/null
+${PYTHON} sample_corpus.py --out "${SAMPLE}" --size small > /dev/null
 
 # Tiny models from random initialisation, the generated vocabulary, demo-sized optimisation.
 export OUT_ROOT=${DEMO_ROOT}

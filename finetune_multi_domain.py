@@ -11,8 +11,9 @@ whose weights w[l, d] scale each domain's layer losses (REFERENCE.md section 4):
 Ablations: --no_use_graph (multi-domain KD, every w = 1, SCE not divided by D) and
 --no_hierarchical (graph fed the level's prototypes directly). --train_graph optimises the
 graph (released behaviour: it keeps its random initialisation). --domain_weighting picks a
-strategy of objectives.WEIGHTINGS (graph, the released one; uniform; meta). The losses, the
-teachers and the strategies live in objectives.py; this script holds flags and wiring.
+strategy of weighting.WEIGHTINGS (graph, the released one; uniform; meta; meta_scorer). The
+losses and the teachers live in objectives.py, the strategies in weighting.py; this script
+holds flags and wiring.
 
 Reads  --teacher_dir (stage-3 run directory), --student_init (general TinyBERT; optional).
 Writes --output_dir: as stage 3, plus domain_weights.jsonl (w and the hierarchical weights at
@@ -29,12 +30,13 @@ import os
 import sys
 
 import stages
-from objectives import (WEIGHTINGS, DistillConfig, GraphConfig, MetaConfig, ScorerConfig,
-                        WeightingSetup, WeightRecorder, build_student, build_weighting,
-                        load_teachers, make_hrkd_loss, teacher_checkpoints)
+from objectives import (DistillConfig, build_student, load_teachers, make_hrkd_loss,
+                        teacher_checkpoints)
 from teacher_cache import TeacherTargets
 from utils import logger
 from variants import VARIANTS
+from weighting import (WEIGHTINGS, GraphConfig, MetaConfig, ScorerConfig, WeightingSetup,
+                       WeightRecorder, build_weighting)
 
 
 def build_parser():

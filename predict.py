@@ -26,7 +26,8 @@ import torch
 
 import training
 import utils
-from data_processing import WordPieceTokenizer, plain_text_examples, read_texts
+from data_processing import plain_text_examples, read_texts
+from tokenization import WordPieceTokenizer
 from export import checkpoint_for, run_settings
 from modeling import (BertClassifier, BertConfig, load_weights, model_from_checkpoint,
                       read_checkpoint)

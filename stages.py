@@ -22,7 +22,7 @@ from torch import nn
 
 from data_processing import PROCESSORS
 from runtime import Distributed, leave_process_group, resolve_amp, set_seed
-from training import Stage, TrainState, run_test, train
+from training import LoopConfig, Stage, TrainState, run_test, train
 from utils import (STOPS, HelpFormatter, RunDir, default_cache_dir, describe_status, logger,
                    main_guard, read_json, release_locks, setup_logging)
 
@@ -331,7 +331,8 @@ def begin_stage(args, vocab_file_of: Callable[[argparse.Namespace], str],
     Single-domain stages train --domain with one head; multi-domain stages train every domain
     of the task, one head each, with --domain as the fit domain. Nothing is written yet: the
     data is tokenized on first use of ``context.features`` (after the models are built)."""
-    from data_processing import WordPieceTokenizer, get_processor
+    from data_processing import get_processor
+    from tokenization import WordPieceTokenizer
     validate_common_args(args)
     resolve_checkpoint_flags(args)
     processor = get_processor(args.task, args.data_dir)
@@ -390,7 +391,7 @@ def train_stage(context: StageContext, model: nn.Module, compute_loss, stage_nam
                       train_features=split_of(features, "train"),
                       dev_features=split_of(features, "dev"), head_of=context.head_of,
                       compute_loss=compute_loss, checkpoint_meta=meta, **stage_options)
-        context.trained = train(args, stage, run, context.dist)
+        context.trained = train(LoopConfig.from_args(args), stage, run, context.dist)
         return context.trained
     except BaseException:
         run.discard_if_unstarted()
@@ -445,7 +446,7 @@ def finish_stage(context: StageContext):
         run.take_lock()  # a test-only call holds the directory like a training one
         previous = (run.status().get("state") == "finished")
         if args.do_test:
-            run_test(args, run, context.domains, context.head_of,
+            run_test(LoopConfig.from_args(args), run, context.domains, context.head_of,
                      split_of(context.features, "test"), split_of(context.features, "dev"),
                      context.dist.device, model_from_checkpoint)
         if context.trained is not None:

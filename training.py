@@ -100,6 +100,35 @@ def evaluate(model: nn.Module, features_by_domain: Dict[str, Dict[str, torch.Ten
 # --------------------------------------------------------------------------------------------
 # The training loop
 # --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Exactly what the loop reads: the step budget, the batch sizes, the optimiser and its
+    schedule, clipping, AMP, the evaluation cadence (which is also the save cadence: each
+    evaluation writes the resume state), resume, the seed of the sampler and the fault guard."""
+
+    batch_size: int                   # per domain and process
+    learning_rate: float
+    num_train_epochs: float = 1.0
+    max_steps: int = 0                # > 0: this many steps, whatever the epochs say
+    warmup_proportion: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    amp: str = "off"                  # off | bf16 | fp16 (auto is resolved before)
+    val_freq: int = 50                # dev evaluation and resume state every N steps
+    eval_batch_size: int = 64
+    resume: bool = False
+    seed: int = 42
+    progress: bool = True
+    max_nonfinite_steps: int = 10
+
+    @classmethod
+    def from_args(cls, args) -> "LoopConfig":
+        """The one place the stage flags become the loop's config."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"progress"}
+        return cls(progress=not args.no_progress,
+                   **{name: getattr(args, name) for name in fields})
+
+
 @dataclasses.dataclass
 class Stage:
     """What differs between the stages; the loop does the rest.
@@ -189,37 +218,40 @@ def _log_scalars(writer, prefix: str, values: Dict[str, float], step: int):
         writer.add_scalar(f"{prefix}/{name}", float(value), step)
 
 
-def train(args, stage: Stage, run: RunDir, dist: Distributed):
-    """Train ``stage`` as ``args`` says; writes checkpoints, logs and dev results into ``run``."""
+def train(config: LoopConfig, stage: Stage, run: RunDir, dist: Distributed):
+    """Train ``stage`` as ``config`` says; writes checkpoints, logs and dev results into ``run``."""
+    if not isinstance(config, LoopConfig):
+        raise TypeError(f"train() takes a LoopConfig (LoopConfig.from_args(flags)), got "
+                        f"{type(config).__name__}")
     from data_processing import MultiDomainBatchSampler, take
     from tqdm import tqdm
 
     device = dist.device
     sizes = [stage.train_features[d]["labels"].shape[0] for d in stage.domains]
-    sampler = MultiDomainBatchSampler(sizes, args.batch_size, stage.domains.index(stage.fit_domain),
-                                      args.seed, dist.rank, dist.world_size)
-    total_steps = (args.max_steps if args.max_steps > 0
-                   else math.ceil(len(sampler) * args.num_train_epochs))
+    sampler = MultiDomainBatchSampler(sizes, config.batch_size, stage.domains.index(stage.fit_domain),
+                                      config.seed, dist.rank, dist.world_size)
+    total_steps = (config.max_steps if config.max_steps > 0
+                   else math.ceil(len(sampler) * config.num_train_epochs))
     model = dist.wrap(stage.model.to(device))
     stage.model = model
     modules = {"model": unwrap(model), **(stage.extra_modules if stage.optimise_extra else {})}
-    optimizer = build_optimizer(modules, args.learning_rate, args.weight_decay,
-                                fused=args.amp != "off")
-    scheduler = linear_warmup_schedule(optimizer, total_steps, args.warmup_proportion)
-    scaler = make_scaler(device, args.amp)
+    optimizer = build_optimizer(modules, config.learning_rate, config.weight_decay,
+                                fused=config.amp != "off")
+    scheduler = linear_warmup_schedule(optimizer, total_steps, config.warmup_proportion)
+    scaler = make_scaler(device, config.amp)
     state = TrainState()
-    if args.resume:
+    if config.resume:
         state = _restore(run, stage, optimizer, scheduler, scaler)
     writer = None
     if dist.is_main:
         writer = summary_writer(run.file("tensorboard"))
     logger.info("training %s on %s: %s (%d per epoch), batch %d x %s x %s",
                 type(unwrap(model)).__name__, ",".join(stage.domains), plural(total_steps, "step"),
-                len(sampler), args.batch_size, plural(len(stage.domains), "domain"),
+                len(sampler), config.batch_size, plural(len(stage.domains), "domain"),
                 plural(dist.world_size, "process", "processes"))
     parameters = [p for module in modules.values() for p in module.parameters() if p.requires_grad]
     progress = tqdm(total=total_steps, initial=state.global_step, disable=not dist.is_main
-                    or args.no_progress, desc="train", dynamic_ncols=True)
+                    or not config.progress, desc="train", dynamic_ncols=True)
     model.train()
     for module in stage.extra_modules.values():
         module.train()
@@ -234,9 +266,9 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
                     batches = [to_device({**take(stage.train_features[d], idx),
                                           "example_index": torch.as_tensor(idx)}, device)
                                for d, idx in zip(stage.domains, indices)]
-                    with autocast(device, args.amp):
+                    with autocast(device, config.amp):
                         losses = stage.compute_loss(model, batches)
-                    _optimisation_step(args, losses["loss"], optimizer, scheduler, scaler,
+                    _optimisation_step(config, losses["loss"], optimizer, scheduler, scaler,
                                        parameters, state, dist,
                                        stage.extra_modules if stage.optimise_extra else {})
                     state.global_step += 1
@@ -249,8 +281,8 @@ def train(args, stage: Stage, run: RunDir, dist: Distributed):
                         _log_scalars(writer, "train", scalars, state.global_step)
                         progress.set_postfix(loss=f"{scalars['loss']:.4f}")
                     finished = state.global_step >= total_steps
-                    if state.global_step % args.val_freq == 0 or finished:
-                        _evaluate_and_save(args, stage, run, dist, state, writer, optimizer,
+                    if state.global_step % config.val_freq == 0 or finished:
+                        _evaluate_and_save(config, stage, run, dist, state, writer, optimizer,
                                            scheduler, scaler, total_steps)
                     if finished:
                         break
@@ -322,7 +354,7 @@ def check_replicas_agree(model: nn.Module, dist: Distributed):
     logger.info("identical weights on all %d ranks (sha1 %s)", dist.world_size, digests[0][:12])
 
 
-def _optimisation_step(args, loss, optimizer, scheduler, scaler, parameters, state: TrainState,
+def _optimisation_step(config: LoopConfig, loss, optimizer, scheduler, scaler, parameters, state: TrainState,
                        dist: Distributed, extra_modules: Dict[str, nn.Module]):
     """Backward, unscale, clip, step; a non-finite loss skips the update."""
     if not torch.isfinite(loss.detach()):
@@ -330,7 +362,7 @@ def _optimisation_step(args, loss, optimizer, scheduler, scaler, parameters, sta
         logger.warning("step %d: non-finite loss (%s), update skipped", state.global_step + 1,
                        float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
-        if state.nonfinite_run >= args.max_nonfinite_steps:
+        if state.nonfinite_run >= config.max_nonfinite_steps:
             raise RuntimeError(f"{state.nonfinite_run} consecutive non-finite losses at step "
                                f"{state.global_step + 1}; stopping (the last good checkpoint "
                                f"is kept)")
@@ -340,7 +372,7 @@ def _optimisation_step(args, loss, optimizer, scheduler, scaler, parameters, sta
     scaler.scale(loss).backward()
     _average_extra_gradients(dist, extra_modules)
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
     scaler.update()
     scheduler.step()
@@ -359,12 +391,12 @@ def _average_extra_gradients(dist: Distributed, extra_modules: Dict[str, nn.Modu
                 parameter.grad /= dist.world_size
 
 
-def _evaluate_and_save(args, stage: Stage, run: RunDir, dist: Distributed, state: TrainState,
+def _evaluate_and_save(config: LoopConfig, stage: Stage, run: RunDir, dist: Distributed, state: TrainState,
                        writer, optimizer, scheduler, scaler, total_steps: int):
     """Dev accuracy per domain; keep the best overall and per-domain checkpoints; resume state."""
     if dist.is_main:
         dev = evaluate(unwrap(stage.model), stage.dev_features, stage.head_of,
-                       args.eval_batch_size, dist.device, args.amp)
+                       config.eval_batch_size, dist.device, config.amp)
         mean = float(np.mean(list(dev.values())))
         _log_scalars(writer, "dev", {**dev, "mean": mean}, state.global_step)
         extra = stage.on_evaluation(state.global_step, writer) if stage.on_evaluation else {}
@@ -423,7 +455,7 @@ def _restore(run: RunDir, stage: Stage, optimizer, scheduler, scaler) -> TrainSt
 # --------------------------------------------------------------------------------------------
 # Test
 # --------------------------------------------------------------------------------------------
-def run_test(args, run: RunDir, domains: List[str], head_of: Dict[str, Optional[int]],
+def run_test(config: LoopConfig, run: RunDir, domains: List[str], head_of: Dict[str, Optional[int]],
              test_features: Dict[str, Dict[str, torch.Tensor]],
              dev_features: Dict[str, Dict[str, torch.Tensor]], device: torch.device,
              load_model: Callable[[str], nn.Module]) -> Dict[str, dict]:
@@ -439,13 +471,13 @@ def run_test(args, run: RunDir, domains: List[str], head_of: Dict[str, Optional[
             raise FileNotFoundError(f"{path}: no checkpoint for domain '{domain}'; train first")
         model = load_model(path).to(device)
         one = {domain: test_features[domain]}
-        test.update(evaluate(model, one, head_of, args.eval_batch_size, device, args.amp))
+        test.update(evaluate(model, one, head_of, config.eval_batch_size, device, config.amp))
         dev.update(evaluate(model, {domain: dev_features[domain]}, head_of,
-                            args.eval_batch_size, device, args.amp))
+                            config.eval_batch_size, device, config.amp))
     if len(domains) > 1:
         model = load_model(run.best_model()).to(device)
-        overall_test = evaluate(model, test_features, head_of, args.eval_batch_size, device,
-                                args.amp)
+        overall_test = evaluate(model, test_features, head_of, config.eval_batch_size, device,
+                                config.amp)
     summary = {"per_domain": test, "mean": float(np.mean(list(test.values()))),
                "dev_per_domain": dev}
     if overall_test:

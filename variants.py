@@ -2,8 +2,8 @@
 studies. The one list of them: finetune_multi_domain.sh asks it for each run's flags, report.py
 for each row's label. Torch-free, so a launcher's query costs a fraction of a second.
 
-A variant is a domain-weighting strategy (objectives.WEIGHTINGS, chosen by --domain_weighting)
-plus the graph flags of the run. Adding a weighting method: its class in objectives.py, then
+A variant is a domain-weighting strategy (weighting.WEIGHTINGS, chosen by --domain_weighting)
+plus the graph flags of the run. Adding a weighting method: its class in weighting.py, then
 its row here.
 
     python variants.py args hrkd      # the flags of one variant

@@ -9,7 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data_processing  # noqa: E402
+import sample_corpus  # noqa: E402
 from modeling import BertConfig  # noqa: E402
 
 torch.set_num_threads(2)
@@ -29,7 +29,7 @@ def minilm_dir():
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
     """The tiny synthetic corpus in the real MNLI and Amazon formats."""
-    return data_processing.generate_sample(str(tmp_path_factory.mktemp("sample")), "tiny", seed=1)
+    return sample_corpus.generate_sample(str(tmp_path_factory.mktemp("sample")), "tiny", seed=1)
 
 
 def tiny_config(**overrides) -> BertConfig:

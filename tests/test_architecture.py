@@ -41,7 +41,8 @@ def test_each_module_imports_alone():
 
 
 def test_tools_that_write_text_do_not_import_torch():
-    code = ("import sys, utils, variants, data_processing, download; "
+    code = ("import sys, utils, variants, data_processing, tokenization, sample_corpus, "
+            "download; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -49,7 +50,7 @@ def test_tools_that_write_text_do_not_import_torch():
 
 
 def test_every_weighting_strategy_has_a_variant():
-    from objectives import WEIGHTINGS
+    from weighting import WEIGHTINGS
     from variants import VARIANTS
     named = {flag.split()[1] for v in VARIANTS.values()
              for flag in [v.flags[v.flags.find("--domain_weighting"):]] if "--domain_weighting" in v.flags}
@@ -70,3 +71,23 @@ def test_stage_scripts_do_not_import_dynamo():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_one_concept_per_module_and_arrows_down():
+    """The tokenizer, the demo corpus and the weighting strategies live in modules of their own:
+    the readers do not load the demo's generator, the losses do not load the strategies (which
+    build on them), and no library module needs the generator at all."""
+    library = [m for m in MODULES if m not in STAGE_SCRIPTS | {"sample_corpus", "bench"}]
+    code = ("import sys, importlib\n"
+            "import objectives\n"
+            "assert 'weighting' not in sys.modules, 'objectives imports weighting'\n"
+            "import data_processing\n"
+            "assert 'sample_corpus' not in sys.modules, 'data_processing imports the generator'\n"
+            f"for name in {library!r}:\n"
+            "    importlib.import_module(name)\n"
+            "assert 'sample_corpus' not in sys.modules, 'a library module imports the generator'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    tokenizer_imports = set(imported_modules(os.path.join(ROOT, "tokenization.py")))
+    assert not tokenizer_imports & set(MODULES), "tokenization.py imports a project module"

@@ -8,6 +8,7 @@ exercised on a GPU (bench_gpu.sh), not in the suite."""
 import torch
 
 import objectives
+import weighting
 import stages
 from conftest import tiny_distillation_configs, tiny_teacher_args
 from distillation import DomainRelationalGraph
@@ -33,7 +34,7 @@ def hrkd_case():
         batches.append({"input_ids": ids * mask, "segment_ids": torch.zeros_like(ids),
                         "attention_mask": mask, "labels": torch.tensor([0, 1])})
     loss = objectives.make_hrkd_loss(teachers, [[0], [1], [2]],
-                                     objectives.GraphWeighting(graph, False),
+                                     weighting.GraphWeighting(graph, False),
                                      objectives.DistillConfig())
     return student, batches, loss
 

@@ -15,7 +15,8 @@ import predict
 import train_domain
 import train_multi_domain
 from conftest import ROOT
-from data_processing import CustomProcessor, DataError, write_custom_corpus
+from data_processing import CustomProcessor, DataError
+from sample_corpus import write_custom_corpus
 
 DOMAINS = ("books", "dvd", "kitchen")
 LABELS = ("not_ok", "ok")  # not the Amazon names: they must come from the data

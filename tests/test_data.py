@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import data_processing as dp
+import sample_corpus
+from tokenization import WordPieceTokenizer
 
 MNLI_HEADER = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
                "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n")
@@ -108,7 +110,7 @@ def test_amazon_spec_split_sizes_and_kitchen_alias(tmp_path):
 
 
 def test_feature_cache_written_once_and_keyed(sample, tmp_path):
-    tokenizer = dp.WordPieceTokenizer(sample["vocab"])
+    tokenizer = WordPieceTokenizer(sample["vocab"])
     cache = tmp_path / "cache"
     first = dp.load_domain_features("amazon", sample["amazon"], "dvd", tokenizer, 32,
                                     cache_dir=str(cache))
@@ -169,13 +171,13 @@ def test_generated_sample_reads_with_real_readers(sample):
     for domain in dp.AmazonProcessor.domains:
         splits = dp.AmazonProcessor().read_splits(sample["amazon"], domain)
         assert {e.label for e in splits["train"]} == {0, 1}
-    tokenizer = dp.WordPieceTokenizer(sample["vocab"])
+    tokenizer = WordPieceTokenizer(sample["vocab"])
     assert "[UNK]" not in tokenizer.tokenize("the blender was sturdy, i love it!")
 
 
 def test_generator_is_deterministic(tmp_path):
-    a = dp.generate_sample(str(tmp_path / "a"), "tiny", seed=5)
-    b = dp.generate_sample(str(tmp_path / "b"), "tiny", seed=5)
+    a = sample_corpus.generate_sample(str(tmp_path / "a"), "tiny", seed=5)
+    b = sample_corpus.generate_sample(str(tmp_path / "b"), "tiny", seed=5)
     for key in ("mnli", "amazon"):
         for root, _, files in os.walk(a[key]):
             for name in files:
@@ -184,8 +186,8 @@ def test_generator_is_deterministic(tmp_path):
 
 
 def test_noisy_domain_flips_only_its_labels(tmp_path):
-    clean = dp.generate_sample(str(tmp_path / "clean"), "tiny", seed=3)
-    noisy = dp.generate_sample(str(tmp_path / "noisy"), "tiny", seed=3, noisy_domain="kitchen",
+    clean = sample_corpus.generate_sample(str(tmp_path / "clean"), "tiny", seed=3)
+    noisy = sample_corpus.generate_sample(str(tmp_path / "noisy"), "tiny", seed=3, noisy_domain="kitchen",
                                flip_prob=0.5)
     for domain in ("books", "dvd"):
         for name in ("positive.review", "negative.review"):
@@ -200,13 +202,13 @@ def test_noisy_domain_flips_only_its_labels(tmp_path):
     flipped = sum(1 for labels in texts.values() if len(set(labels)) == 2)
     assert 0.3 * len(texts) < flipped < 0.7 * len(texts)
     with pytest.raises(ValueError, match="unknown noisy domain"):
-        dp.generate_sample(str(tmp_path / "x"), "tiny", noisy_domain="music", flip_prob=0.1)
+        sample_corpus.generate_sample(str(tmp_path / "x"), "tiny", noisy_domain="music", flip_prob=0.1)
 
 
 def test_label_noise_flips_only_the_asked_training_labels(sample, tmp_path):
     """The study's unreliable domain: train labels flipped with p (seeded), dev/test clean,
     its own cache entry."""
-    tokenizer = dp.WordPieceTokenizer(sample["vocab"])
+    tokenizer = WordPieceTokenizer(sample["vocab"])
     examples = [dp.Example(f"t{i}", None, i % 2) for i in range(1000)]
     flipped = dp.flip_labels(examples, 2, 0.4, seed=3)
     changed = sum(a.label != b.label for a, b in zip(examples, flipped))

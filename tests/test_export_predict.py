@@ -13,7 +13,7 @@ import predict
 import train_domain
 import train_multi_domain
 from conftest import tiny_teacher_args
-from data_processing import WordPieceTokenizer
+from tokenization import WordPieceTokenizer
 from modeling import model_from_checkpoint
 
 TEXTS = ["i love this sturdy blender , great !", "terrible flimsy knife . waste",

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import objectives
+import weighting
 import runtime
 import training
 import utils
@@ -196,7 +197,7 @@ def run_graph_training(train_graph: bool, steps: int = 3):
                         head_of={d: i for i, d in enumerate(domains)},
                         compute_loss=objectives.make_hrkd_loss(
                             teachers, [[0], [1], [2]],
-                            objectives.GraphWeighting(graph, train_graph), DISTILL),
+                            weighting.GraphWeighting(graph, train_graph), DISTILL),
                         checkpoint_meta={}, extra_modules={"graph": graph})
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     return before, graph, stage, args, student_before
@@ -208,7 +209,7 @@ def test_train_graph_flag_decides_whether_the_graph_moves(tmp_path, train_graph)
     run = utils.RunDir(str(tmp_path / "run"))
     args.output_dir, args.overwrite = run.path, False
     run.prepare_for_training(args)
-    training.train(args, stage, run, runtime.Distributed())
+    training.train(training.LoopConfig.from_args(args), stage, run, runtime.Distributed())
     after = graph.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     if train_graph:
@@ -233,10 +234,10 @@ def test_shared_teacher_forward_equals_separate_forwards():
     graph.eval()
     batches = [{name: tensor[:2] for name, tensor in stage.train_features[d].items()}
                for d in stage.domains]
-    weighting = objectives.GraphWeighting(graph, False)
-    separate = objectives.make_hrkd_loss([shared, other, shared], [[0], [1], [2]], weighting,
+    strategy = weighting.GraphWeighting(graph, False)
+    separate = objectives.make_hrkd_loss([shared, other, shared], [[0], [1], [2]], strategy,
                                          DISTILL)
-    grouped = objectives.make_hrkd_loss([shared, other], [[0, 2], [1]], weighting, DISTILL)
+    grouped = objectives.make_hrkd_loss([shared, other], [[0, 2], [1]], strategy, DISTILL)
     a, b = separate(student, batches)["loss"], grouped(student, batches)["loss"]
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -261,7 +262,7 @@ def test_load_teachers_groups_identical_checkpoints(tmp_path):
 # ------------------------------------------------------------------------------------------
 def test_uniform_weighting_is_exactly_one_over_d(graph):
     students = [fake_outputs(d) for d in range(DOMAINS)]
-    weights, hierarchy = objectives.UniformWeighting(LEVELS, DOMAINS, "cpu").weights(students)
+    weights, hierarchy = weighting.UniformWeighting(LEVELS, DOMAINS, "cpu").weights(students)
     assert torch.equal(weights, torch.full((LEVELS, DOMAINS), 1.0 / DOMAINS))
     assert hierarchy == [None] * LEVELS
 
@@ -287,12 +288,12 @@ def meta_setup(meta_every):
                         intermediate_size=32, max_position_embeddings=16)
     teachers = [objectives.freeze(BertClassifier(config, 2, num_domains=3)) for _ in range(3)]
     groups = [[0], [1], [2]]
-    meta = objectives.MetaGraphLearner(
+    meta = weighting.MetaGraphLearner(
         graph, teachers, groups, [stage.train_features[d] for d in stage.domains], DISTILL,
-        objectives.MetaConfig(lr=1e-2, every=meta_every, virtual_lr=1e-1, objective="distill",
+        weighting.MetaConfig(lr=1e-2, every=meta_every, virtual_lr=1e-1, objective="distill",
                               batch_size=args.batch_size, seed=args.seed), torch.device("cpu"))
     stage.compute_loss = objectives.make_hrkd_loss(teachers, groups,
-                                                   objectives.MetaGraphWeighting(graph, meta),
+                                                   weighting.MetaGraphWeighting(graph, meta),
                                                    DISTILL)
     stage.extra_state = {"meta": meta}
     stage.optimise_extra = False
@@ -307,7 +308,7 @@ def test_meta_graph_moves_only_by_its_meta_step(tmp_path, meta_every, moves):
     run = utils.RunDir(str(tmp_path / "run"))
     args.output_dir, args.overwrite = run.path, False
     run.prepare_for_training(args)
-    training.train(args, stage, run, runtime.Distributed())
+    training.train(training.LoopConfig.from_args(args), stage, run, runtime.Distributed())
     after = graph.state_dict()
     changed = any(not torch.equal(before[k], after[k]) for k in before)
     assert changed == moves
@@ -383,17 +384,17 @@ def test_meta_scorer_moves_away_from_uniform_and_spares_the_student():
             agree = predicted.argmax(-1)
             batch["labels"] = 1 - agree if index == 2 else agree
     scorer = DomainScorer(3, 3, 16, hierarchical=True, floor=0.1)
-    meta = objectives.MetaGraphLearner(
+    meta = weighting.MetaGraphLearner(
         scorer, teachers, groups, features, DISTILL,
-        objectives.MetaConfig(lr=0.5, every=1, virtual_lr=1.0, objective="gold",
+        weighting.MetaConfig(lr=0.5, every=1, virtual_lr=1.0, objective="gold",
                               batch_size=4, seed=0), torch.device("cpu"))
-    weighting = objectives.MetaScorerWeighting(scorer, meta)
+    strategy = weighting.MetaScorerWeighting(scorer, meta)
     batches = [{k: v[:2] for k, v in f.items()} for f in features]
     student_before = {k: v.clone() for k, v in student.state_dict().items()}
     for _ in range(5):
         targets = objectives.teacher_outputs(teachers, groups, batches, 2)
-        weighting.before_step(student, batches, targets)
-    weights, _ = weighting.weights(objectives.student_outputs(student, batches))
+        strategy.before_step(student, batches, targets)
+    weights, _ = strategy.weights(objectives.student_outputs(student, batches))
     assert torch.allclose(weights.sum(dim=1), torch.ones(3), atol=1e-6)
     assert (weights - 1.0 / 3).abs().max() > 1e-3, weights
     assert all(torch.equal(student_before[k], v) for k, v in student.state_dict().items())

@@ -19,12 +19,12 @@ import finetune_domain
 import finetune_multi_domain
 import predict
 import report
-import stages
 import train_domain
 import train_multi_domain
 import utils
 from conftest import ROOT, tiny_teacher_args
-from data_processing import CustomProcessor, write_custom_corpus
+from data_processing import CustomProcessor
+from sample_corpus import write_custom_corpus
 from test_reliability import run_script, same_weights, stage1_args
 
 
@@ -150,7 +150,8 @@ def test_student_heads_must_match_the_teacher(sample, stage3_teacher, tmp_path, 
 # 3: a corrupt feature cache is named, deleted and rebuilt ------------------------------------
 @pytest.mark.parametrize("content", [b"", b"not a zip file at all", b"PK\x03\x04 torn"])
 def test_bad_feature_cache_files_are_named_and_rebuilt(sample, tmp_path, content, caplog):
-    from data_processing import WordPieceTokenizer, load_task_features
+    from data_processing import load_task_features
+    from tokenization import WordPieceTokenizer
     tokenizer = WordPieceTokenizer(sample["vocab"])
     cache = tmp_path / "cache"
     first = load_task_features("amazon", sample["amazon"], ["books"], tokenizer, 32,

@@ -3,7 +3,7 @@ import torch
 import transformers
 
 from conftest import tiny_config, tiny_inputs
-from data_processing import WordPieceTokenizer
+from tokenization import WordPieceTokenizer
 from modeling import BertClassifier, BertConfig, PRESETS, load_weights, resolve_config
 
 

@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+import weighting
+
 import finetune_multi_domain
 import report
 import train_multi_domain
@@ -136,15 +138,14 @@ def test_meta_data_picks_the_split_of_the_held_out_batches(sample, teacher_run, 
     """--meta_data dev draws the meta objective's batches from the dev split (the trusted
     labels of the label-noise study), the default from the training split."""
     import data_processing
-    import objectives
     seen = []
-    original = objectives.MetaGraphLearner.__init__
+    original = weighting.MetaGraphLearner.__init__
 
     def spy(self, graph, teachers, groups, features, *args, **kwargs):
         seen.append([f["labels"].shape[0] for f in features])
         original(self, graph, teachers, groups, features, *args, **kwargs)
 
-    monkeypatch.setattr(objectives.MetaGraphLearner, "__init__", spy)
+    monkeypatch.setattr(weighting.MetaGraphLearner, "__init__", spy)
     processor = data_processing.get_processor("amazon", sample["amazon"])
     domains = ("books", "dvd", "electronics", "kitchen")
     splits = {d: processor.read_splits(sample["amazon"], d, 0.9, 0.1, 42) for d in domains}

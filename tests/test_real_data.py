@@ -10,10 +10,12 @@ import torch
 import transformers
 
 from conftest import ROOT
-from data_processing import AmazonProcessor, WordPieceTokenizer, examples_to_tensors, take
+from data_processing import AmazonProcessor, examples_to_tensors, take
+from tokenization import WordPieceTokenizer
 from distillation import DomainRelationalGraph
 from modeling import BertClassifier, config_source, load_weights, resolve_config
 import objectives
+import weighting
 
 AMAZON = os.path.join(os.path.dirname(ROOT), "shared", "data", "amazon")
 pytestmark = pytest.mark.skipif(not os.path.isdir(AMAZON),
@@ -70,7 +72,7 @@ def test_hrkd_steps_with_the_minilm_teacher_lower_the_loss(real_splits, minilm_d
     load_weights(student, minilm_dir, blocks=[1, 2])
     graph = DomainRelationalGraph(3, 4, config.hidden_size).requires_grad_(False)
     compute_loss = objectives.make_hrkd_loss([teacher], [[0, 1, 2, 3]],
-                                             objectives.GraphWeighting(graph, False),
+                                             weighting.GraphWeighting(graph, False),
                                              objectives.DistillConfig())
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4)
     losses = []

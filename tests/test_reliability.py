@@ -221,7 +221,8 @@ def test_non_finite_losses_skip_updates_then_stop_keeping_last_good_checkpoint(t
     args.output_dir = run.path
     run.prepare_for_training(args)
     with pytest.raises(RuntimeError, match="3 consecutive non-finite losses at step 5"):
-        training.train(args, stage, run, runtime.Distributed())
+        training.train(training.LoopConfig.from_args(args), stage, run,
+                       runtime.Distributed())
     saved = torch.load(run.file("last_checkpoint.pt"), weights_only=True)
     assert saved["train_state"]["global_step"] == 4
     # Steps 3-5 were skipped: the weights are still those after step 2, the best checkpoint's.
@@ -243,9 +244,8 @@ def test_fp16_scaler_skips_overflowing_step():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss = model.classifier.weight.sum() * 1e38  # finite, but its scaled gradient overflows
     state = training.TrainState()
-    import argparse
-    args = argparse.Namespace(max_grad_norm=1.0, max_nonfinite_steps=3)
-    training._optimisation_step(args, loss, optimizer, scheduler, scaler,
+    config = training.LoopConfig(batch_size=1, learning_rate=1e-3, max_nonfinite_steps=3)
+    training._optimisation_step(config, loss, optimizer, scheduler, scaler,
                              list(model.parameters()), state, runtime.Distributed(), {})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert scaler.get_scale() < 65536.0

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import transformers
 
-from data_processing import WordPieceTokenizer
+from tokenization import WordPieceTokenizer
 
 TEXTS = [
     "Hello, World! It's a test.",
@@ -61,7 +61,7 @@ def test_pair_features_with_truncation(tokenizers_pair, max_len):
 
 
 def test_truncation_takes_from_the_longer_part_then_from_b():
-    from data_processing import truncate_pair
+    from tokenization import truncate_pair
     assert truncate_pair([1] * 10, [2] * 30, 5) == ([1] * 3, [2] * 2)
     assert truncate_pair([1] * 4, [2] * 4, 7) == ([1] * 4, [2] * 3)
     assert truncate_pair([1] * 9, [2] * 2, 6) == ([1] * 4, [2] * 2)
