@@ -336,13 +336,18 @@ def release_locks():
 # Run directory
 # --------------------------------------------------------------------------------------------
 def run_status(path: str, need_test: bool = False) -> dict:
-    """{"state": "finished" | "incomplete" | "missing", "step", "total_steps"} of a run.
+    """{"state": "finished" | "running" | "incomplete" | "missing", "step", "total_steps"}.
 
     A run is finished only when results.json holds ``finished`` (written last, after the
     final evaluation and, with --do_test, the test); with ``need_test`` its test must have
-    run too. Anything else with a results.json or a resume state is incomplete."""
+    run too. A run whose lock a live process holds is running; anything else with a
+    results.json or a resume state is incomplete."""
     results = read_json(os.path.join(path, RunDir.RESULTS), None)
-    if results is None and not os.path.isfile(os.path.join(path, RunDir.LAST)):
+    lock = RunLock(path)
+    holder = lock.holder()
+    running = holder is not None and lock._holder_is_live(holder) and not (
+        holder.get("pid") == os.getpid())
+    if results is None and not os.path.isfile(os.path.join(path, RunDir.LAST)) and not running:
         return {"state": "missing"}
     results = results or {}
     finished = results.get("finished")
@@ -352,15 +357,18 @@ def run_status(path: str, need_test: bool = False) -> dict:
     status = {"step": last.get("step"), "total_steps": last.get("total_steps")}
     if finished and (finished.get("tested") or not need_test):
         return {"state": "finished", **status}
-    return {"state": "incomplete", **status}
+    return {"state": "running" if running else "incomplete", **status}
 
 
 def describe_status(status: dict) -> str:
-    if status["state"] != "incomplete":
+    if status["state"] not in ("incomplete", "running"):
         return status["state"]
+    total = f" of {status['total_steps']}" if status.get("total_steps") else ""
+    if status["state"] == "running":
+        at = "" if status.get("step") is None else f" (last evaluation at step {status['step']}{total})"
+        return f"running{at}"
     if status.get("step") is None:
         return "incomplete (no evaluation yet)"
-    total = f" of {status['total_steps']}" if status.get("total_steps") else ""
     return f"incomplete: stopped at step {status['step']}{total}"
 
 

@@ -229,6 +229,8 @@ def test_lock_is_held_while_the_run_trains(sample, tmp_path):
             time.sleep(0.05)
         holder = json.loads((out / ".lock").read_text())
         assert holder["pid"] == process.pid
+        assert utils.run_status(str(out))["state"] == "running"
+        assert utils.describe_status(utils.run_status(str(out))).startswith("running")
         second = run_script("train_domain.py", stage1_args(sample, out) + ["--overwrite"])
         assert second.returncode == 1 and f"in use by pid {process.pid}" in second.stderr
     finally:
