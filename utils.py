@@ -513,15 +513,46 @@ def main_guard(run: Callable[[], None]) -> int:
         return 1
 
 
+# The small files of a finished run that are kept in the repository (results/): enough for
+# report.py to remake every table and plot without the weights.
+PROVENANCE_FILES = ("results.json", "config.json", "domain_weights.jsonl")
+
+
+def collect_finished(root: str, dest: str) -> List[str]:
+    """Copy the PROVENANCE_FILES of every finished, tested run under ``root`` to ``dest``,
+    keeping the run layout; returns the runs copied."""
+    copied = []
+    for folder, subfolders, files in os.walk(root):
+        if RunDir.RESULTS not in files:
+            continue
+        subfolders[:] = []
+        if run_status(folder, need_test=True)["state"] != "finished":
+            continue
+        target = os.path.join(dest, os.path.relpath(folder, root))
+        for name in PROVENANCE_FILES:
+            if name in files:
+                os.makedirs(target, exist_ok=True)
+                shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
+        copied.append(os.path.relpath(folder, root))
+    return sorted(copied)
+
+
 def main(argv=None) -> int:
     """``python utils.py finished RUN_DIR [--tested]``: exit 0 when the run finished (the
     launchers' SKIP_FINISHED asks this, without importing torch); ``status RUN_DIR...``
-    prints each run's state."""
+    prints each run's state; ``collect ROOT DEST`` copies every finished run's small files
+    (results.json, config.json, domain_weights.jsonl) into DEST, e.g. results/."""
     parser = argparse.ArgumentParser(description="run-directory status")
-    parser.add_argument("command", choices=["finished", "status"])
+    parser.add_argument("command", choices=["finished", "status", "collect"])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--tested", action="store_true", help="the run's test must have run")
     args = parser.parse_args(argv)
+    if args.command == "collect":
+        if len(args.runs) != 2:
+            parser.error("collect takes ROOT DEST")
+        for run in collect_finished(*args.runs):
+            print(run)
+        return 0
     statuses = [run_status(run, args.tested) for run in args.runs]
     if args.command == "status":
         for run, status in zip(args.runs, statuses):

@@ -495,3 +495,18 @@ def test_unused_label_and_small_fit_domain_warn(sample, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "label(s) mixed have no training example" in result.stderr
     assert f"fit domain {small} has" in result.stderr and "fewer than" in result.stderr
+
+
+def test_collect_copies_only_finished_runs(sample, tmp_path):
+    runs = tmp_path / "runs"
+    done = runs / "train_domain" / "amazon" / "books" / "seed42"
+    assert run_script("train_domain.py", stage1_args(sample, done)).returncode == 0
+    stopped = runs / "train_domain" / "amazon" / "dvd" / "seed42"
+    stopped.mkdir(parents=True)
+    (stopped / "results.json").write_text("{}")
+    (stopped / "config.json").write_text("{}")
+    assert utils.collect_finished(str(runs), str(tmp_path / "kept")) == [
+        "train_domain/amazon/books/seed42"]
+    kept = tmp_path / "kept" / "train_domain" / "amazon" / "books" / "seed42"
+    assert sorted(os.listdir(kept)) == ["config.json", "results.json"]
+    assert report.collect(str(tmp_path / "kept"), "amazon")["Single-domain teacher"]["books"]
