@@ -142,26 +142,31 @@ tune() {
   local root=${OUT_ROOT}/tune teacher best lr
   export AMAZON_DOMAINS=books SEEDS=42 MODE=full DO_TEST=0
   for lr in ${TUNE_TEACHER_LRS:-5e-5 1e-4 2e-4}; do
-    OUT_ROOT=${root}/teacher_lr${lr} LR=${lr} timed "tune stage 1 lr ${lr}" bash train_domain.sh
+    OUT_ROOT=${root}/teacher_lr${lr} LR=${lr} timed "tune stage 1 lr ${lr}" \
+      env ${TUNE_TEACHER_EPOCHS:+EPOCHS=${TUNE_TEACHER_EPOCHS}} bash train_domain.sh
   done
   echo "stage-1 dev (books):"
   teacher=$(best_dev "${root}"/teacher_lr*/train_domain/amazon/books/seed42)
   for lr in ${TUNE_STUDENT_LRS:-1e-4 3e-4 1e-3}; do
     link_teacher "${teacher}" "${root}/student_lr${lr}/train_domain/amazon/books"
-    OUT_ROOT=${root}/student_lr${lr} LR=${lr} timed "tune stage 2 lr ${lr}" bash finetune_domain.sh
+    OUT_ROOT=${root}/student_lr${lr} LR=${lr} timed "tune stage 2 lr ${lr}" \
+      env ${TUNE_STUDENT_EPOCHS:+EPOCHS=${TUNE_STUDENT_EPOCHS}} bash finetune_domain.sh
   done
   echo "stage-2 dev (books), blocks ${STUDENT_INIT_LAYERS:-preset}:"
   best=$(best_dev "${root}"/student_lr*/finetune_domain/amazon/books/seed42)
   lr=${best#"${root}"/student_lr}; lr=${lr%%/*}
-  for blocks in ${TUNE_STUDENT_BLOCKS:-"3_6"}; do
+  for blocks in ${TUNE_STUDENT_BLOCKS-"3_6"}; do  # empty: no block sweep
     local dir=${root}/student_blocks${blocks}
     link_teacher "${teacher}" "${dir}/train_domain/amazon/books"
     OUT_ROOT=${dir} LR=${lr} STUDENT_INIT_LAYERS=${blocks//_/ } \
-      timed "tune stage 2 blocks ${blocks} lr ${lr}" bash finetune_domain.sh
+      timed "tune stage 2 blocks ${blocks} lr ${lr}" \
+      env ${TUNE_STUDENT_EPOCHS:+EPOCHS=${TUNE_STUDENT_EPOCHS}} bash finetune_domain.sh
   done
-  echo "stage-2 dev (books), blocks:"
-  best_dev "${root}"/student_lr"${lr}"/finetune_domain/amazon/books/seed42 \
-    "${root}"/student_blocks*/finetune_domain/amazon/books/seed42 > /dev/null
+  if [ -n "${TUNE_STUDENT_BLOCKS-3_6}" ]; then
+    echo "stage-2 dev (books), blocks:"
+    best_dev "${root}"/student_lr"${lr}"/finetune_domain/amazon/books/seed42 \
+      "${root}"/student_blocks*/finetune_domain/amazon/books/seed42 > /dev/null
+  fi
 }
 
 # The label-noise study: does a weighting give the unreliable domain less than 1/D, and what
