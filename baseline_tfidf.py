@@ -80,6 +80,7 @@ def run(args):
         splits = processor.read_splits(args.data_dir, domain, args.train_ratio, args.dev_ratio,
                                        args.data_seed)
         results[domain] = fit_domain_baseline(splits, args.c_grid)
+        results[domain]["test_examples"] = len(splits["test"])
         print(f"{domain}: C={results[domain]['c']:g} dev {100 * results[domain]['dev']:.1f} "
               f"test {100 * results[domain]['test']:.1f} ({len(splits['train'])} train)")
     for domain, best in results.items():
@@ -89,7 +90,8 @@ def run(args):
             "method": "tfidf_logistic_regression", "c": best["c"], "c_grid": args.c_grid,
             "train_ratio": args.train_ratio, "data_seed": args.data_seed,
             "dev": {"per_domain": {domain: best["dev"]}},
-            "test": {"per_domain": {domain: best["test"]}, "mean": best["test"]},
+            "test": {"per_domain": {domain: best["test"]}, "mean": best["test"],
+                     "examples_per_domain": {domain: best["test_examples"]}},
             "finished": {"train_steps": None, "tested": True}})
 
 

@@ -4,6 +4,8 @@
 #   bash finetune_domain.sh
 # Teachers: $OUT_ROOT/train_domain/<task>/<domain>/seed<seed>; runs land in
 # $OUT_ROOT/finetune_domain/<task>/<domain>/seed<seed> (shared settings: launch_common.sh).
+# DISTILL=0 trains the same students on the labels alone (train_domain.py, no teacher): the
+# no-distillation baseline, in $OUT_ROOT/labels_only_domain/<task>/<domain>/seed<seed>.
 set -euo pipefail
 cd "$(dirname "$0")"
 source launch_common.sh
@@ -18,6 +20,7 @@ STUDENT_INIT_LAYERS=${STUDENT_INIT_LAYERS-}   # e.g. "1 2": only these blocks of
 HIDDEN_RATIO=${HIDDEN_RATIO:-1}
 PRED_RATIO=${PRED_RATIO:-1}
 TEMPERATURE=${TEMPERATURE:-1}
+DISTILL=${DISTILL:-1}                 # 0: no teacher, the student on the labels alone
 
 # ---- few-shot section: MODE=fewshot (or both) repeats the stage on p% of the training data ---
 MODE=${MODE:-full}                                  # full | fewshot | both
@@ -29,7 +32,16 @@ run_stage() {  # every domain of a task in one process (one start-up, one torch 
   local root=$1 ratio=$2
   for TASK in ${TASKS}; do
     for SEED in ${SEEDS}; do
-      set_student; set_common "${ratio}" "${SEED}"
+      set_common "${ratio}" "${SEED}"
+      if [ "${DISTILL}" = 0 ]; then
+        set_student_model
+        # shellcheck disable=SC2046
+        "${LAUNCH[@]}" train_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
+          --domain $(domains_of "${TASK}") "${STUDENT_MODEL[@]}" "${COMMON[@]}" \
+          --output_dir "${root}/labels_only_domain/${TASK}/{domain}/seed${SEED}"
+        continue
+      fi
+      set_student
       # shellcheck disable=SC2046
       "${LAUNCH[@]}" finetune_domain.py --task "${TASK}" --data_dir "$(data_dir_of "${TASK}")" \
         --domain $(domains_of "${TASK}") \

@@ -4,6 +4,9 @@
 #   bash finetune_multi_domain.sh
 # Teachers: $OUT_ROOT/train_multi_domain/<task>/seed<seed> (best_model_<domain>.bin); runs land
 # in $OUT_ROOT/finetune_multi_domain/<task>/<variant>/seed<seed> (shared: launch_common.sh).
+# DISTILL=0 trains the same student on the labels alone (train_multi_domain.py, a head per
+# domain, no teacher): the no-distillation baseline, in
+# $OUT_ROOT/labels_only_multi_domain/<task>/seed<seed>; VARIANTS is then not used.
 set -euo pipefail
 cd "$(dirname "$0")"
 source launch_common.sh
@@ -18,6 +21,7 @@ STUDENT_INIT_LAYERS=${STUDENT_INIT_LAYERS-}   # e.g. "1 2": only these blocks of
 HIDDEN_RATIO=${HIDDEN_RATIO:-1}
 PRED_RATIO=${PRED_RATIO:-1}
 TEMPERATURE=${TEMPERATURE:-1}
+DISTILL=${DISTILL:-1}                 # 0: no teacher, the student on the labels alone
 GRAPH_DROPOUT=${GRAPH_DROPOUT:-0.1}
 META_ARGS=${META_ARGS:-"--meta_lr 1e-3 --meta_every 1"}   # used by the meta variants
 # Variants (variants.py lists them): hrkd (the paper's method), no_hierarchy and no_graph (its
@@ -39,6 +43,13 @@ run_stage() {  # every variant of a task and seed in one process (one start-up, 
   local root=$1 ratio=$2
   for TASK in ${TASKS}; do
     for SEED in ${SEEDS}; do
+      if [ "${DISTILL}" = 0 ]; then
+        set_common "${ratio}" "${SEED}"; set_student_model
+        "${LAUNCH[@]}" train_multi_domain.py --task "${TASK}" \
+          --data_dir "$(data_dir_of "${TASK}")" "${STUDENT_MODEL[@]}" "${COMMON[@]}" \
+          --output_dir "${root}/labels_only_multi_domain/${TASK}/seed${SEED}"
+        continue
+      fi
       local base="${root}/finetune_multi_domain/${TASK}" todo=() out
       for VARIANT in ${VARIANTS}; do
         if [ "${SKIP_FINISHED}" = 1 ] && run_finished "${base}/${VARIANT}/seed${SEED}"; then

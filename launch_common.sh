@@ -86,6 +86,7 @@ set_common() {
   COMMON=(--max_seq_length "${MAX_SEQ_LENGTH}" --batch_size "${BATCH}" --learning_rate "${LR}"
           --num_train_epochs "${EPOCHS}" --train_ratio "$1" --val_freq "${VAL_FREQ}" --seed "$2"
           --amp "${AMP}" --do_train)
+  if [ -n "${STEPS:-}" ]; then COMMON+=(--max_steps "${STEPS}"); fi
   if [ -n "${VOCAB_FILE}" ]; then COMMON+=(--vocab_file "${VOCAB_FILE}"); fi
   if [ -n "${CACHE_DIR}" ]; then COMMON+=(--cache_dir "${CACHE_DIR}"); fi
   if [ "${DO_TEST}" = 1 ]; then COMMON+=(--do_test); fi
@@ -130,6 +131,20 @@ set_student() {
   fi
 }
 
+# STUDENT_MODEL: the student's architecture and initial weights as flags of stages 1 and 3,
+# for the no-distillation baseline (DISTILL=0 in stages 2 and 4: the student trained on the
+# labels alone, same data, rate and epochs, no teacher).
+set_student_model() {
+  STUDENT_MODEL=()
+  if [ -n "${STUDENT_CONFIG}" ]; then STUDENT_MODEL+=(--model_config "${STUDENT_CONFIG}"); fi
+  if [ -n "${STUDENT_INIT}" ]; then STUDENT_MODEL+=(--init_checkpoint "${STUDENT_INIT}"); fi
+  if [ -n "${STUDENT_INIT_LAYERS:-}" ]; then
+    local blocks
+    read -r -a blocks <<< "${STUDENT_INIT_LAYERS}"
+    STUDENT_MODEL+=(--init_layers "${blocks[@]}")
+  fi
+}
+
 # PRESET=<name> loads presets/<name>.sh first: a named configuration (e.g. PRESET=real, the
 # real-data configuration of RESULTS.md) whose values the environment can still override.
 STAGE_NAME=$(basename "${BASH_SOURCE[1]:-$0}" .sh)
@@ -164,6 +179,10 @@ DO_TEST=${DO_TEST:-1}                # 0: train and keep dev figures only (tunin
 SKIP_FINISHED=${SKIP_FINISHED:-0}    # 1: leave finished runs alone, resume interrupted ones
 EXTRA_ARGS=${EXTRA_ARGS:-}           # e.g. "--overwrite", "--resume", "--no_progress"
 
+MAX_STEPS=${MAX_STEPS:-}              # full data: this many steps (empty: EPOCHS decide)
+FEWSHOT_STEPS=${FEWSHOT_STEPS:-}      # each few-shot ratio: this many steps (empty: EPOCHS,
+                                      # the released recipe, which is few steps on little data)
+
 # Few-shot: the paper trains on p% of the training data; train_ratio = 0.9 x p / 100.
 fewshot_ratio() {
   awk -v p="$1" 'BEGIN { printf "%.6g", 0.9 * p / 100 }'
@@ -183,9 +202,11 @@ run_modes() {
   done
   set_launch
   if [ "${MODE}" != fewshot ]; then
+    STEPS=${MAX_STEPS}
     run_stage "${OUT_ROOT}" 0.9
   fi
   if [ "${MODE}" != full ]; then
+    STEPS=${FEWSHOT_STEPS}
     for PERCENT in ${FEWSHOT_PERCENTS}; do
       run_stage "${OUT_ROOT}/fewshot/p${PERCENT}" "$(fewshot_ratio "${PERCENT}")"
     done

@@ -82,14 +82,22 @@ def freeze(model: nn.Module, amp: str = "off") -> nn.Module:
 
 
 def build_teacher(config_flag: Optional[str], init: Optional[str], vocab_size: int,
-                  num_labels: int, max_seq_length: int, num_domains=None) -> BertClassifier:
-    """A BERT teacher (stages 1, 3): ``config_flag``, else ``init``'s config.json, else
-    bert_base; initialised from ``init`` when given."""
+                  num_labels: int, max_seq_length: int, num_domains=None,
+                  blocks: Optional[Sequence[int]] = None) -> BertClassifier:
+    """A model trained on the gold labels (stages 1, 3): ``config_flag``, else ``init``'s
+    config.json (with ``len(blocks)`` layers when ``blocks`` picks the initial blocks, as for a
+    student: the no-distillation baseline), else bert_base; initialised from ``init`` when
+    given."""
     config = resolve_config(config_source(config_flag, init, "bert_base"), vocab_size)
+    if blocks and not config_flag:
+        config.num_hidden_layers = len(blocks)
+    if blocks and len(blocks) != config.num_hidden_layers:
+        raise ValueError(f"--init_layers names {len(blocks)} blocks but the model config has "
+                         f"{config.num_hidden_layers} layers")
     check_sequence_length(config, max_seq_length, "model")
     model = BertClassifier(config, num_labels, num_domains=num_domains)
     if init:
-        load_weights(model, init)
+        load_weights(model, init, blocks=blocks)
     else:
         warn_random_init(config, "--init_checkpoint", "bert-base-uncased")
     return model

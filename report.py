@@ -4,12 +4,17 @@ Reads the run directories the ``.sh`` launchers write under --runs (default ``ru
 
     train_domain/<task>/<domain>/seed<S>/results.json           single-domain teacher
     train_multi_domain/<task>/seed<S>/results.json              multi-domain teacher
+    train_pooled/<task>/seed<S>/results.json                    one head, pooled domains (mix)
+    labels_only_domain/<task>/<domain>/seed<S>/results.json     student on the labels alone
+    labels_only_multi_domain/<task>/seed<S>/results.json        the same, multi-domain
     finetune_domain/<task>/<domain>/seed<S>/results.json        TinyBERT-KD student
     finetune_multi_domain/<task>/<variant>/seed<S>/results.json multi-domain students
     tfidf/<task>/<domain>/results.json                          TF-IDF baseline (deterministic)
     fewshot/p<percent>/...                                      the same layout per ratio
 
-Writes into --out (default <runs>/report): results_<task>.md/.csv, fewshot_<task>.md/.csv,
+Writes into --out (default <runs>/report): results_<task>.md/.csv, comparisons_<task>.md/.csv
+(the key differences seed by seed, a paired t-test and the test sets' binomial error),
+fewshot_<task>.md/.csv and fewshot_<task>.png (accuracy against the training ratio),
 domain_weights_<task>.md/.csv (each domain's mean weight and spread) and
 domain_weights_<task>_<variant>_seed<S>.png (w[l, d] over training, a panel per level) for runs
 that logged domain weights, and with --study_domain D study_<task>.md/.csv. Prints the tables.
@@ -37,16 +42,35 @@ from variants import VARIANTS
 
 # (row label, path of its run directories relative to the runs root, per-domain runs?); the
 # stage-4 rows come from variants.py, the one list of stage-4 runs.
+SINGLE_TEACHER, MULTI_TEACHER, TINYBERT_KD = ("Single-domain teacher", "Multi-domain teacher",
+                                              "TinyBERT-KD")
+LABELS_ONLY_SINGLE = "Student on the labels alone (single-domain)"
+LABELS_ONLY_MULTI = "Student on the labels alone (multi-domain)"
 METHODS: List[Tuple[str, str, bool]] = [
     ("TF-IDF + logistic regression", "tfidf/{task}/{domain}", True),
-    ("Single-domain teacher", "train_domain/{task}/{domain}", True),
-    ("Multi-domain teacher", "train_multi_domain/{task}", False),
-    ("TinyBERT-KD", "finetune_domain/{task}/{domain}", True),
+    (SINGLE_TEACHER, "train_domain/{task}/{domain}", True),
+    (MULTI_TEACHER, "train_multi_domain/{task}", False),
+    ("Mix teacher (pooled domains, one head)", "train_pooled/{task}", False),
+    (LABELS_ONLY_SINGLE, "labels_only_domain/{task}/{domain}", True),
+    (LABELS_ONLY_MULTI, "labels_only_multi_domain/{task}", False),
+    (TINYBERT_KD, "finetune_domain/{task}/{domain}", True),
 ] + [(variant.label, f"finetune_multi_domain/{{task}}/{name}", False)
      for name, variant in VARIANTS.items()]
 # Rows shown even when no run exists (the paper's table); the others only when present.
-PAPER_ROWS = {"Single-domain teacher", "Multi-domain teacher", "TinyBERT-KD"} | {
+PAPER_ROWS = {SINGLE_TEACHER, MULTI_TEACHER, TINYBERT_KD} | {
     variant.label for variant in VARIANTS.values() if variant.paper}
+# The differences the study is about: (method, against), each paired seed by seed.
+COMPARISONS: List[Tuple[str, str]] = [
+    (VARIANTS["hrkd"].label, VARIANTS["no_graph"].label),
+    (VARIANTS["hrkd"].label, VARIANTS["uniform"].label),
+    (VARIANTS["hrkd"].label, VARIANTS["no_hierarchy"].label),
+    (VARIANTS["hrkd"].label, TINYBERT_KD),
+    (TINYBERT_KD, LABELS_ONLY_SINGLE),
+    (VARIANTS["no_graph"].label, LABELS_ONLY_MULTI),
+    (VARIANTS["hrkd"].label, LABELS_ONLY_MULTI),
+    (TINYBERT_KD, SINGLE_TEACHER),
+    (VARIANTS["hrkd"].label, MULTI_TEACHER),
+]
 
 
 def _test_accuracy(run_dir: str, domain: str) -> Optional[float]:
@@ -95,6 +119,78 @@ def collect(root: str, task: str) -> Dict[str, Dict[str, List[float]]]:
     return table
 
 
+def collect_by_seed(root: str, task: str) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{method: {seed folder: {domain: accuracy}}}, for pairing methods seed by seed."""
+    domains = task_domains(root, task)
+    table: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for label, template, _ in METHODS:
+        seeds: Dict[str, Dict[str, float]] = {}
+        for domain in domains:
+            folder = os.path.join(root, template.format(task=task, domain=domain))
+            for run in seed_dirs(folder):
+                value = _test_accuracy(run, domain)
+                if value is not None:
+                    seeds.setdefault(os.path.basename(run), {})[domain] = value
+        table[label] = {seed: cells for seed, cells in seeds.items() if len(cells) == len(domains)}
+    return table
+
+
+def test_set_sizes(root: str, task: str) -> Dict[str, int]:
+    """Each domain's number of test examples, as the runs' results.json record them."""
+    domains, sizes = task_domains(root, task), {}
+    for path in sorted(glob.glob(os.path.join(root, "**", "results.json"), recursive=True)):
+        with open(path, encoding="utf-8") as handle:
+            recorded = json.load(handle).get("test", {}).get("examples_per_domain") or {}
+        sizes.update({d: int(n) for d, n in recorded.items() if d in domains})
+        if len(sizes) == len(domains):
+            return sizes
+    return {}
+
+
+def binomial_se(accuracy: Dict[str, float], sizes: Dict[str, int]) -> Optional[float]:
+    """Standard error (points) of the domain-averaged test accuracy from the test sets' size
+    alone: sqrt(sum_d p_d (1 - p_d) / n_d) / D."""
+    if not sizes or not accuracy:
+        return None
+    variance = sum((p / 100) * (1 - p / 100) / sizes[d] for d, p in accuracy.items())
+    return 100 * float(np.sqrt(variance)) / len(accuracy)
+
+
+def comparison_rows(root: str, task: str):
+    """The key differences of domain-averaged test accuracy, seed by seed (seeds both methods
+    ran), their mean and std, a paired t-test, and the binomial error of one average."""
+    from scipy import stats
+    by_seed = collect_by_seed(root, task)
+    sizes = test_set_sizes(root, task)
+    header = ["Comparison", "seeds", "per-seed difference", "mean ± std", "paired t-test p",
+              "binomial SE of one average", "verdict"]
+    rows = []
+    for method, against in COMPARISONS:
+        mine, theirs = by_seed.get(method, {}), by_seed.get(against, {})
+        # Teachers pair with students by seed too (a student of seed S distils teacher S).
+        seeds = sorted(set(mine) & set(theirs))
+        if not seeds:
+            continue
+        diffs = [float(np.mean(list(mine[s].values())) - np.mean(list(theirs[s].values())))
+                 for s in seeds]
+        se = binomial_se(mine[seeds[0]], sizes)
+        spread = f"{np.mean(diffs):+.1f}" + (f" ± {np.std(diffs, ddof=1):.1f}"
+                                             if len(diffs) > 1 else "")
+        p_value, verdict = None, "one seed: no spread"
+        if len(diffs) > 1:
+            if np.std(diffs) == 0:
+                p_value = 0.0 if np.mean(diffs) else 1.0
+            else:
+                p_value = float(stats.ttest_1samp(diffs, 0.0).pvalue)
+            verdict = ("inside the seed spread" if p_value >= 0.05 else
+                       f"{method if np.mean(diffs) > 0 else against} better (p < 0.05)")
+        rows.append([f"{method} vs {against}", str(len(seeds)),
+                     " ".join(f"{d:+.1f}" for d in diffs), spread,
+                     "-" if p_value is None else f"{p_value:.3f}",
+                     "-" if se is None else f"{se:.1f}", verdict])
+    return header, rows
+
+
 def format_cell(values: List[float]) -> str:
     if not values:
         return "-"
@@ -136,20 +232,62 @@ def write_table(out_dir: str, name: str, header, rows, title: str) -> str:
     return markdown
 
 
-def fewshot_table(root: str, task: str):
-    """Rows: training-data ratios; columns: methods (average test accuracy over domains)."""
+def fewshot_results(root: str, task: str) -> Dict[float, Dict[str, List[float]]]:
+    """{percent: {method: per-seed averages over domains}} of the fewshot/p<percent> runs."""
     ratio_dirs = sorted(glob.glob(os.path.join(root, "fewshot", "p*")),
                         key=lambda p: float(re.sub(r"[^0-9.]", "", os.path.basename(p)) or 0))
-    if not ratio_dirs:
+    results = {}
+    for folder in ratio_dirs:
+        table = collect(folder, task)
+        averages = {label: average_over_domains(cells) for label, cells in table.items()}
+        results[float(os.path.basename(folder)[1:])] = {m: v for m, v in averages.items() if v}
+    return results
+
+
+def fewshot_table(root: str, task: str):
+    """Rows: training-data ratios; columns: methods (average test accuracy over domains)."""
+    results = fewshot_results(root, task)
+    if not results:
         return None
-    domains = task_domains(root, task)
-    tables = {os.path.basename(p): collect(p, task) for p in ratio_dirs}
-    methods = [label for label, _, _ in METHODS
-               if any(any(t.get(label, {}).get(d) for d in domains) for t in tables.values())]
+    methods = [label for label, _, _ in METHODS if any(label in r for r in results.values())]
     header = ["Training data"] + methods
-    rows = [[name[1:] + "%"] + [format_cell(average_over_domains(t.get(m, {}))) for m in methods]
-            for name, t in tables.items()]
+    rows = [[f"{percent:g}%"] + [format_cell(by_method.get(m, [])) for m in methods]
+            for percent, by_method in results.items()]
     return header, rows
+
+
+def plot_fewshot(root: str, task: str, out_path: str) -> bool:
+    """Average test accuracy against the share of training data, one line per method (mean
+    over seeds, bars: std), the full data at 100%."""
+    results = fewshot_results(root, task)
+    if not results:
+        return False
+    full = {label: average_over_domains(cells) for label, cells in collect(root, task).items()}
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    for label, _, _ in METHODS:
+        points = sorted((p, v) for p, by in results.items() for m, v in by.items() if m == label)
+        if not points:
+            continue
+        if full.get(label):
+            points.append((100.0, full[label]))
+        x = [p for p, _ in points]
+        axis.errorbar(x, [np.mean(v) for _, v in points],
+                      yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in points],
+                      marker="o", capsize=3, label=label)
+    axis.set_xscale("log")
+    axis.set_xticks(sorted({p for p in results} | {100.0}))
+    axis.set_xticklabels([f"{p:g}%" for p in sorted({p for p in results} | {100.0})])
+    axis.axhline(50.0, color="grey", linestyle=":", linewidth=1)
+    axis.set_xlabel("training data (share of the training split)")
+    axis.set_ylabel("test accuracy (%), average over domains")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return True
 
 
 def read_weight_records(run_dir: str) -> List[dict]:
@@ -291,10 +429,16 @@ def report(root: str, out_dir: str, tasks: List[str]) -> str:
         header, rows = table_rows(table, domains)
         printed.append(write_table(out_dir, f"results_{task}", header, rows,
                                    f"{task}: test accuracy (%)"))
+        comparisons = comparison_rows(root, task)
+        if comparisons[1]:
+            printed.append(write_table(out_dir, f"comparisons_{task}", *comparisons,
+                                       f"{task}: differences of average test accuracy "
+                                       f"(points), paired by seed"))
         fewshot = fewshot_table(root, task)
         if fewshot:
             printed.append(write_table(out_dir, f"fewshot_{task}", *fewshot,
                                        f"{task}: few-shot, average test accuracy (%)"))
+            plot_fewshot(root, task, os.path.join(out_dir, f"fewshot_{task}.png"))
         weight_rows = []
         for label, template, per_domain in METHODS:
             if per_domain or not template.startswith("finetune_multi_domain"):

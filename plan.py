@@ -1,0 +1,213 @@
+"""What a step of reproduce_amazon.sh still has to run, and about how long it will take.
+
+Reads the commands of a dry run (``PYTHON=echo``: one stage command per line, and the
+``== <stage>`` lines that ``timed`` prints) on stdin; expands each command's run directories
+(``{domain}`` over --domain, ``{variant}`` over --variant); asks each run its state
+(utils.run_status); estimates the time of what is left from the finished runs under --runs
+(seconds per step of the same script at the same sequence length, from config.json's
+"started" and the finished marker's "at"; runs that were resumed are not used). Prints one
+line per stage and a total. Torch-free.
+
+    PYTHON=echo bash reproduce_amazon.sh table | python plan.py --runs runs/amazon_real
+(``bash reproduce_amazon.sh left`` does this for the table and the few-shot study.)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import math
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from utils import RunDir, plural, read_json, run_status
+
+STAGE_SCRIPTS = ("train_domain.py", "train_multi_domain.py", "finetune_domain.py",
+                 "finetune_multi_domain.py")
+
+
+@dataclass
+class PlannedRun:
+    script: str
+    path: str
+    seq_length: int
+    train_ratio: float
+    epochs: float
+    max_steps: int
+    state: str = "missing"
+    step: Optional[int] = None
+    total_steps: Optional[int] = None
+
+
+@dataclass
+class Section:
+    name: str
+    runs: List[PlannedRun] = field(default_factory=list)
+
+
+def _flag(words: List[str], name: str) -> List[str]:
+    """The values after ``name`` up to the next flag."""
+    if name not in words:
+        return []
+    values = []
+    for word in words[words.index(name) + 1:]:
+        if word.startswith("--"):
+            break
+        values.append(word)
+    return values
+
+
+def parse_commands(lines) -> List[Section]:
+    """The stage runs of a dry run's output, grouped under its ``== name`` lines."""
+    sections = [Section("")]
+    for line in lines:
+        line = line.strip()
+        if line.startswith("== "):
+            sections.append(Section(line[3:].split(" (")[0]))
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        script = next((os.path.basename(w) for w in words
+                       if os.path.basename(w) in STAGE_SCRIPTS), None)
+        if script is None or not _flag(words, "--output_dir"):
+            continue
+        template = _flag(words, "--output_dir")[0]
+        paths = [template]
+        if "{domain}" in template:
+            paths = [template.replace("{domain}", d) for d in _flag(words, "--domain")]
+        if "{variant}" in template:
+            paths = [template.replace("{variant}", v) for v in _flag(words, "--variant")]
+        number = lambda name, default: float((_flag(words, name) or [default])[0])  # noqa: E731
+        for path in paths:
+            sections[-1].runs.append(PlannedRun(
+                script, path, int(number("--max_seq_length", 128)),
+                number("--train_ratio", 0.9), number("--num_train_epochs", 1),
+                int(number("--max_steps", 0))))
+    return [s for s in sections if s.runs]
+
+
+def _wall_seconds(run_dir: str) -> Optional[float]:
+    """From config.json's start to the finished marker ("at"; for markers older than that
+    field, results.json's modification time, which the marker wrote last)."""
+    config = read_json(os.path.join(run_dir, RunDir.CONFIG), {}) or {}
+    results = os.path.join(run_dir, RunDir.RESULTS)
+    finished = (read_json(results, {}) or {}).get("finished") or {}
+    if (not config.get("started") or not finished
+            or os.path.isfile(os.path.join(run_dir, "config_resumed.json"))):
+        return None
+    end = (datetime.datetime.fromisoformat(finished["at"]) if finished.get("at") else
+           datetime.datetime.fromtimestamp(os.path.getmtime(results)))
+    seconds = (end - datetime.datetime.fromisoformat(config["started"])).total_seconds()
+    return seconds if seconds > 0 else None
+
+
+@dataclass
+class Measured:
+    """A finished run that says how fast its script runs."""
+    script: str
+    seq_length: int
+    train_ratio: float
+    epochs: float
+    max_steps: int
+    steps: int
+    seconds: float
+
+
+def measured_runs(root: str) -> List[Measured]:
+    found = []
+    for path in glob.glob(os.path.join(root, "**", RunDir.RESULTS), recursive=True):
+        run_dir = os.path.dirname(path)
+        config = read_json(os.path.join(run_dir, RunDir.CONFIG), {}) or {}
+        finished = (read_json(path, {}) or {}).get("finished") or {}
+        seconds = _wall_seconds(run_dir)
+        command = config.get("command") or [""]
+        args = config.get("args", {})
+        if seconds is None or not finished.get("train_steps"):
+            continue
+        found.append(Measured(os.path.basename(command[0]), int(args.get("max_seq_length", 0)),
+                              float(args.get("train_ratio", 0.9)),
+                              float(args.get("num_train_epochs", 1)),
+                              int(args.get("max_steps", 0)), int(finished["train_steps"]),
+                              seconds))
+    return found
+
+
+def estimate(run: PlannedRun, measured: List[Measured]) -> Optional[float]:
+    """Seconds left for ``run``: its steps left times the seconds per step of finished runs of
+    the same script and sequence length; the steps from the run itself, its --max_steps, or a
+    finished run's steps scaled by the training ratio and the epochs."""
+    same = [m for m in measured if m.script == run.script and m.seq_length == run.seq_length]
+    if not same:
+        return None
+    per_step = sum(m.seconds for m in same) / sum(m.steps for m in same)
+    if run.total_steps:
+        total = run.total_steps
+    elif run.max_steps:
+        total = run.max_steps
+    else:
+        reference = min(same, key=lambda m: (m.max_steps > 0, abs(m.train_ratio - run.train_ratio)))
+        total = math.ceil(reference.steps / reference.epochs * run.epochs
+                          * run.train_ratio / reference.train_ratio)
+    return per_step * max(total - (run.step or 0), 1)
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def summarise(sections: List[Section], root: str) -> Tuple[str, float, int]:
+    """The printed plan, the estimated seconds left, and the runs left without an estimate."""
+    measured = measured_runs(root)
+    lines, total, unknown = [], 0.0, 0
+    for section in sections:
+        left = []
+        for run in section.runs:
+            status = run_status(run.path, need_test=True)
+            run.state, run.step, run.total_steps = (status["state"], status.get("step"),
+                                                    status.get("total_steps"))
+            if run.state != "finished":
+                left.append(run)
+        seconds = [estimate(run, measured) for run in left]
+        known = sum(s for s in seconds if s is not None)
+        missing = sum(s is None for s in seconds)
+        total, unknown = total + known, unknown + missing
+        done = len(section.runs) - len(left)
+        text = f"{section.name or 'runs'}: {done} of {plural(len(section.runs), 'run')} finished"
+        if left:
+            text += f", {len(left)} left"
+            if known:
+                text += f", about {_duration(known)}"
+            if missing:
+                text += f" ({missing} without an estimate: nothing like them has finished)"
+        lines.append(text)
+        for run in left:
+            if run.state != "missing":
+                lines.append(f"  {run.path}: {run.state}"
+                             + (f" at step {run.step} of {run.total_steps}" if run.step else ""))
+    runs_left = sum(r.state != "finished" for s in sections for r in s.runs)
+    footer = f"left: {plural(runs_left, 'run')}"
+    if total:
+        footer += f", about {_duration(total)} on this machine's past pace"
+    if unknown:
+        footer += f" ({unknown} of them without an estimate)"
+    lines.append(footer)
+    return "\n".join(lines), total, unknown
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="what a reproduce step still has to run")
+    parser.add_argument("--runs", required=True, help="the runs root of the step (OUT_ROOT)")
+    args = parser.parse_args(argv)
+    text, _, _ = summarise(parse_commands(sys.stdin), args.runs)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

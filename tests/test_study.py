@@ -1,0 +1,195 @@
+"""The real study's rows and tools (issue 22): the mix teacher, the students on the labels
+alone, the paired comparisons with the binomial error, the few-shot plot, the plan of what is
+left, and the launchers' switches for them."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+import finetune_multi_domain
+import plan
+import report
+import train_multi_domain
+from conftest import ROOT, tiny_teacher_args
+from objectives import build_student, build_teacher
+
+DOMAINS = ["books", "dvd", "electronics", "kitchen"]
+
+
+# The no-distillation baseline is the student's model trained on the labels ----------------
+def test_labels_only_model_is_the_students_architecture_and_start(minilm_dir):
+    teacher = build_teacher(None, minilm_dir, 30522, 2, 128)
+    student = build_student(None, minilm_dir, [1, 2], 30522, 2, teacher.config, 128)
+    alone = build_teacher(None, minilm_dir, 30522, 2, 128, blocks=[1, 2])
+    assert alone.config.num_hidden_layers == 2
+    own, reference = alone.state_dict(), student.state_dict()
+    encoder = [name for name in own if name.startswith(("encoder.", "embeddings."))]
+    assert encoder and all(torch.equal(own[n], reference[n]) for n in encoder)
+    # block 2 of the checkpoint is the model's second block, not the teacher's second
+    assert torch.equal(own["encoder.1.attention.query.weight"],
+                       teacher.state_dict()["encoder.1.attention.query.weight"])
+    assert not torch.equal(own["encoder.1.attention.query.weight"],
+                           teacher.state_dict()["encoder.2.attention.query.weight"])
+
+
+def test_init_layers_needs_a_checkpoint(sample, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny_teacher_args(sample, out, 2, "--do_train", "--init_layers", "1")
+    assert train_multi_domain.main(args) == 1
+    assert "--init_layers needs --init_checkpoint" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def pooled_teacher(sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "train_pooled"
+    args = tiny_teacher_args(sample, out, 2, "--do_train", "--do_test", "--pooled")
+    assert train_multi_domain.main(args) == 0
+    return out
+
+
+def test_pooled_teacher_has_one_head_and_tests_every_domain(pooled_teacher):
+    saved = torch.load(pooled_teacher / "best_model_dvd.bin", weights_only=True)
+    names = saved["state_dict"]
+    assert any(k.startswith("classifier.") for k in names)
+    assert not any(k.startswith("classifiers.") for k in names)
+    test = json.load(open(pooled_teacher / "results.json"))["test"]
+    assert sorted(test["per_domain"]) == DOMAINS
+    assert sorted(test["examples_per_domain"]) == DOMAINS
+    assert all(n > 0 for n in test["examples_per_domain"].values())
+
+
+def test_a_pooled_teacher_can_be_distilled(sample, pooled_teacher, tmp_path):
+    out = tmp_path / "student"
+    args = ["--task", "amazon", "--data_dir", sample["amazon"], "--teacher_dir",
+            str(pooled_teacher), "--student_config", "tiny_student", "--max_seq_length", "32",
+            "--batch_size", "4", "--max_steps", "2", "--val_freq", "2", "--no_progress",
+            "--do_train", "--do_test", "--output_dir", str(out)]
+    assert finetune_multi_domain.main(args) == 0
+    assert json.load(open(out / "results.json"))["finished"]["tested"]
+
+
+def dry_run(script, tmp_path, **env):
+    result = subprocess.run(["bash", script], capture_output=True, text=True, cwd=ROOT,
+                            timeout=60, env=dict(os.environ, PYTHON="echo", TASKS="amazon",
+                                                 AMAZON_DIR=str(tmp_path),
+                                                 OUT_ROOT=str(tmp_path / "runs"), **env))
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_launcher_switches_write_where_report_reads(tmp_path):
+    (tmp_path / "books").mkdir()
+    single = dry_run("finetune_domain.sh", tmp_path, DISTILL="0", PRESET="real")
+    assert single.startswith("train_domain.py") and "--init_layers 1 2" in single
+    assert "--learning_rate 1e-3" in single and "--teacher_dir" not in single
+    multi = dry_run("finetune_multi_domain.sh", tmp_path, DISTILL="0", PRESET="real")
+    assert multi.startswith("train_multi_domain.py") and "--init_layers 1 2" in multi
+    pooled = dry_run("train_multi_domain.sh", tmp_path, POOLED="1", PRESET="real")
+    assert "--pooled" in pooled
+    fewshot = dry_run("train_domain.sh", tmp_path, MODE="fewshot", FEWSHOT_PERCENTS="2",
+                      FEWSHOT_STEPS="80")
+    assert "--max_steps 80" in fewshot and "--train_ratio 0.018" in fewshot
+    templates = {label: t for label, t, _ in report.METHODS}
+    for text, label in ((single, report.LABELS_ONLY_SINGLE), (multi, report.LABELS_ONLY_MULTI),
+                        (pooled, "Mix teacher (pooled domains, one head)")):
+        folder = templates[label].format(task="amazon", domain="{domain}")
+        assert f"runs/{folder}/seed42" in text
+
+
+# report.py: the rows, the paired comparisons, the binomial error, the few-shot plot ----------
+def write_run(path, accuracy, examples=200):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "results.json"), "w") as handle:
+        json.dump({"test": {"per_domain": {d: accuracy for d in DOMAINS},
+                            "examples_per_domain": {d: examples for d in DOMAINS}},
+                   "finished": {"train_steps": 10, "tested": True}}, handle)
+
+
+def test_report_pairs_seeds_and_gives_the_binomial_error(tmp_path):
+    # HRKD beats multi-domain KD by 1, 2 and 3 points on seeds 42-44; the labels-only student
+    # ties TinyBERT-KD exactly on two seeds.
+    for seed, (hrkd, no_graph) in zip((42, 43, 44), ((0.81, 0.80), (0.82, 0.80), (0.83, 0.80))):
+        write_run(tmp_path / f"finetune_multi_domain/amazon/hrkd/seed{seed}", hrkd)
+        write_run(tmp_path / f"finetune_multi_domain/amazon/no_graph/seed{seed}", no_graph)
+    for seed in (42, 43):
+        for domain in DOMAINS:
+            write_run(tmp_path / f"finetune_domain/amazon/{domain}/seed{seed}", 0.8)
+            write_run(tmp_path / f"labels_only_domain/amazon/{domain}/seed{seed}", 0.8)
+    write_run(tmp_path / "train_pooled/amazon/seed42", 0.9)
+    text = report.report(str(tmp_path), str(tmp_path / "out"), ["amazon"])
+    assert "| Mix teacher (pooled domains, one head) | 90.0* |" in text
+    rows = {r[0]: r for r in report.comparison_rows(str(tmp_path), "amazon")[1]}
+    hrkd = rows["HRKD vs Multi-domain KD (no graph)"]
+    # differences 1, 2, 3: mean 2, std 1; t = 2 / (1 / sqrt 3) = 3.46 with 2 degrees of
+    # freedom: two-sided p = 0.074
+    assert hrkd[1:5] == ["3", "+1.0 +2.0 +3.0", "+2.0 ± 1.0", "0.074"]
+    # sqrt(4 x 0.81 x 0.19 / 200) / 4 = 1.39 points (seed 42's accuracy, 200 reviews a domain)
+    assert hrkd[5] == "1.4" and hrkd[6] == "inside the seed spread"
+    tie = rows[f"TinyBERT-KD vs {report.LABELS_ONLY_SINGLE}"]
+    assert tie[1:5] == ["2", "+0.0 +0.0", "+0.0 ± 0.0", "1.000"]
+    # only the seeds both ran are paired (TinyBERT-KD has 42 and 43)
+    assert rows["HRKD vs TinyBERT-KD"][1:3] == ["2", "+1.0 +2.0"]
+    assert (tmp_path / "out" / "comparisons_amazon.md").is_file()
+
+
+def test_report_a_consistent_gain_is_named(tmp_path):
+    for seed, (hrkd, other) in zip((42, 43, 44), ((0.84, 0.80), (0.85, 0.80), (0.84, 0.80))):
+        write_run(tmp_path / f"finetune_multi_domain/amazon/hrkd/seed{seed}", hrkd)
+        write_run(tmp_path / f"finetune_multi_domain/amazon/uniform/seed{seed}", other)
+    rows = {r[0]: r for r in report.comparison_rows(str(tmp_path), "amazon")[1]}
+    assert rows["HRKD vs HRKD (uniform weights)"][6] == "HRKD better (p < 0.05)"
+
+
+def test_fewshot_plot_has_a_line_per_method(tmp_path):
+    for percent, value in (("2", 0.6), ("10", 0.7)):
+        for seed in (42, 43):
+            write_run(tmp_path / f"fewshot/p{percent}/finetune_multi_domain/amazon/hrkd/seed{seed}",
+                      value + 0.01 * (seed - 42))
+    write_run(tmp_path / "finetune_multi_domain/amazon/hrkd/seed42", 0.8)
+    report.report(str(tmp_path), str(tmp_path / "out"), ["amazon"])
+    assert (tmp_path / "out" / "fewshot_amazon.png").stat().st_size > 1000
+    table = (tmp_path / "out" / "fewshot_amazon.md").read_text()
+    assert "| 2% | 60.5 ± 0.7 |" in table and "| 10% | 70.5 ± 0.7 |" in table
+
+
+# plan.py: what is left, and how long it takes at the pace of the finished runs --------------
+def test_plan_counts_what_is_left_and_estimates_it(tmp_path):
+    done = tmp_path / "train_domain/amazon/books/seed42"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text(json.dumps({
+        "command": ["train_domain.py"], "started": "2026-12-01T10:00:00",
+        "args": {"max_seq_length": 32, "train_ratio": 0.9, "num_train_epochs": 2,
+                 "max_steps": 0}}))
+    (done / "results.json").write_text(json.dumps({"finished": {
+        "train_steps": 60, "tested": True, "at": "2026-12-01T10:03:00"}}))  # 3 s a step
+    lines = ["== stage 1: teachers (2026-12-02 01:00:00)",
+             f"train_domain.py --domain books dvd kitchen --max_seq_length 32 --train_ratio 0.9 "
+             f"--num_train_epochs 2 --output_dir {tmp_path}/train_domain/amazon/{{domain}}/seed42",
+             f"train_domain.py --domain books --max_seq_length 32 --train_ratio 0.09 "
+             f"--num_train_epochs 4 --output_dir {tmp_path}/fewshot/p10/train_domain/amazon/"
+             f"{{domain}}/seed42",
+             "== stage 4: students (2026-12-02 01:00:00)",
+             f"finetune_multi_domain.py --max_seq_length 32 --variant hrkd uniform "
+             f"--output_dir {tmp_path}/finetune_multi_domain/amazon/{{variant}}/seed42"]
+    text, seconds, unknown = plan.summarise(plan.parse_commands(lines), str(tmp_path))
+    # dvd and kitchen: 60 steps x 3 s each; the 10% run: 60 x 4/2 x 0.1 = 12 steps x 3 s
+    assert seconds == pytest.approx(2 * 180 + 36)
+    assert unknown == 2  # no stage-4 run has finished: no pace to go by
+    assert "stage 1: teachers: 1 of 4 runs finished, 3 left, about 7 min" in text
+    assert "stage 4: students: 0 of 2 runs finished, 2 left (2 without an estimate" in text
+
+
+def test_reproduce_left_prints_the_plan_and_creates_nothing(tmp_path):
+    out = tmp_path / "runs"
+    result = subprocess.run(["bash", "reproduce_amazon.sh", "left"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300,
+                            env=dict(os.environ, OUT_ROOT=str(out), SEEDS="42 43 44"))
+    assert result.returncode == 0, result.stderr
+    assert "-- table: what is left" in result.stdout and "-- fewshot" in result.stdout
+    # 3 seeds: 12 teachers, 3 stage-3 and 3 mix teachers, 12 + 12 single-domain students...
+    assert "stage 1: single-domain teachers: 0 of 12 runs finished" in result.stdout
+    assert "stage 4: multi-domain students: 0 of 12 runs finished" in result.stdout
+    assert not out.exists()
