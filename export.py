@@ -1,4 +1,4 @@
-"""Export a trained teacher or student to a Hugging Face `transformers` folder.
+"""Export a trained teacher or student to a Hugging Face `transformers` folder (and ONNX).
 
 Reads  a run directory of any stage (or one checkpoint file). A multi-domain run exports one
        domain's head from the checkpoint best on that domain (--domain), or every domain into
@@ -6,9 +6,14 @@ Reads  a run directory of any stage (or one checkpoint file). A multi-domain run
 Writes --out (or --out/<domain> with --all_domains): config.json (BertForSequenceClassification,
        label names), model.safetensors, vocab.txt, tokenizer_config.json,
        special_tokens_map.json. A student's fit maps (used only for distillation) are dropped.
+       --onnx adds model.onnx (deploy.py: dynamic batch and sequence axes, the labels, the
+       run's sequence length, the domain and the task in its metadata), checked against
+       PyTorch's logits (fp32, to 1e-4) before it is kept; --quantize int8 adds
+       model.int8.onnx, dynamically quantized by ONNX Runtime (and implies --onnx).
 
     python export.py runs/finetune_multi_domain/amazon/hrkd/seed42 --domain books --out hf/books
     python export.py runs/finetune_multi_domain/amazon/hrkd/seed42 --all_domains --out hf/hrkd
+    python export.py runs/finetune_domain/amazon/books/seed42 --out hf/books --quantize int8
 
 The folder then loads with transformers.AutoModelForSequenceClassification / AutoTokenizer and
 gives this project's logits, and predict.py reads it too.
@@ -86,7 +91,8 @@ def write_tokenizer_files(out_dir: str, vocab_file: str, lowercase: bool,
 
 
 def export_one(checkpoint: str, domain: Optional[str], out_dir: str, vocab_file: str,
-               lowercase: bool, max_length: int) -> str:
+               lowercase: bool, max_length: int, onnx: bool = False,
+               quantize: Optional[str] = None) -> str:
     from safetensors.torch import save_file
     content = read_checkpoint(checkpoint)
     model = model_from_checkpoint(checkpoint).eval()
@@ -108,8 +114,17 @@ def export_one(checkpoint: str, domain: Optional[str], out_dir: str, vocab_file:
     config["hrkd_source"] = {"checkpoint": os.path.abspath(checkpoint), "domain": domain,
                              "task": content.get("task")}
     utils.atomic_write_json(os.path.join(out_dir, "config.json"), config)
-    write_tokenizer_files(out_dir, vocab_file, lowercase,
-                          min(max_length, model.config.max_position_embeddings))
+    length = min(max_length, model.config.max_position_embeddings)
+    write_tokenizer_files(out_dir, vocab_file, lowercase, length)
+    if onnx or quantize:
+        import deploy
+        metadata = deploy.export_metadata(labels, length, domain, content.get("task"),
+                                          lowercase)
+        onnx_path = os.path.join(out_dir, deploy.ONNX_FILE)
+        difference = deploy.write_onnx(model, head, onnx_path, metadata, length)
+        print(f"{onnx_path}: logits within {difference:.1e} of PyTorch's", file=sys.stderr)
+        if quantize == "int8":
+            deploy.write_int8(onnx_path, os.path.join(out_dir, deploy.INT8_FILE))
     return out_dir
 
 
@@ -121,7 +136,12 @@ def run_settings(source: str) -> dict:
 
 
 def export(source: str, out: str, domain: Optional[str] = None, all_domains: bool = False,
-           vocab_file: Optional[str] = None) -> List[str]:
+           vocab_file: Optional[str] = None, onnx: bool = False,
+           quantize: Optional[str] = None) -> List[str]:
+    if onnx or quantize:  # a missing extra stops the export before anything is written
+        import deploy
+        deploy.require("onnx")
+        deploy.require("onnxruntime.quantization" if quantize else "onnxruntime")
     settings = run_settings(source)
     folder = source if os.path.isdir(source) else os.path.dirname(source)
     vocab_file = vocab_file or os.path.join(folder, "vocab.txt")
@@ -135,9 +155,9 @@ def export(source: str, out: str, domain: Optional[str] = None, all_domains: boo
         if len(domains) < 2:
             raise CheckpointError(f"{source}: --all_domains needs a multi-domain run")
         return [export_one(checkpoint_for(source, d), d, os.path.join(out, d), vocab_file,
-                           lowercase, max_length) for d in domains]
+                           lowercase, max_length, onnx, quantize) for d in domains]
     return [export_one(checkpoint_for(source, domain), domain, out, vocab_file, lowercase,
-                       max_length)]
+                       max_length, onnx, quantize)]
 
 
 def main(argv=None) -> int:
@@ -149,11 +169,16 @@ def main(argv=None) -> int:
     parser.add_argument("--all_domains", action="store_true",
                         help="export every domain of a multi-domain run into --out/<domain>")
     parser.add_argument("--vocab_file", help="default: the run directory's vocab.txt")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx (checked against PyTorch's logits)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="also write model.int8.onnx (ONNX Runtime's dynamic "
+                             "quantization; implies --onnx)")
     args = parser.parse_args(argv)
 
     def run():
         for folder in export(args.source, args.out, args.domain, args.all_domains,
-                             args.vocab_file):
+                             args.vocab_file, args.onnx, args.quantize):
             print(folder)
 
     return utils.main_guard(run)

@@ -24,7 +24,6 @@ from typing import Iterable, List, Optional, Tuple
 
 import torch
 
-import training
 import utils
 from data_processing import plain_text_examples, read_texts
 from tokenization import WordPieceTokenizer
@@ -36,19 +35,72 @@ PROGRESS_THRESHOLD = 1000  # examples; fewer finish before a bar would help
 
 
 class Predictor:
-    """A model, its tokenizer, its label names and the head to use."""
+    """A model, its tokenizer, its label names and the head to use, served by PyTorch or, for
+    an exported folder holding model.onnx / model.int8.onnx, by ONNX Runtime (deploy.py).
+    Examples are batched by length: each batch is padded to its own longest example."""
 
     def __init__(self, source: str, domain: Optional[str] = None,
-                 max_seq_length: Optional[int] = None, device: str = "cpu"):
+                 max_seq_length: Optional[int] = None, device: str = "cpu",
+                 backend: str = "auto", int8: bool = False):
+        import deploy
         self.device = torch.device(device)
-        if os.path.isfile(os.path.join(source, "model.safetensors")) and \
-                os.path.isfile(os.path.join(source, "config.json")):
+        exported = os.path.isfile(os.path.join(source, "config.json")) and (
+            os.path.isfile(os.path.join(source, "model.safetensors")) or deploy.has_onnx(source))
+        self.backend_name = self._choose_backend(source, backend, int8, exported)
+        if self.backend_name == "onnx":
+            self._load_onnx(source, domain, int8)
+        elif exported:
             self._load_exported(source)
         else:
             self._load_run(source, domain)
-        self.max_seq_length = min(max_seq_length or self.max_seq_length,
-                                  self.model.config.max_position_embeddings)
-        self.model.to(self.device).eval()
+        self.max_seq_length = max_seq_length or self.max_seq_length
+        if self.backend_name == "torch":
+            self.model.to(self.device).eval()
+            self.max_seq_length = min(self.max_seq_length,
+                                      self.model.config.max_position_embeddings)
+            self.backend = deploy.TorchBackend(self.model, self.head, device)
+
+    @staticmethod
+    def _choose_backend(source: str, backend: str, int8: bool, exported: bool) -> str:
+        """torch, or onnx: asked for, or (auto) where the exported folder holds the ONNX file
+        wanted and onnxruntime is installed."""
+        import deploy
+        if int8 and backend == "torch":
+            raise ValueError("--int8 runs the quantized ONNX model: use --backend onnx or auto")
+        if backend == "torch":
+            return "torch"
+        wanted = deploy.onnx_file_of(source, int8)
+        if backend == "onnx" or int8:
+            if not exported or not os.path.isfile(wanted):
+                raise FileNotFoundError(f"{wanted}: no such ONNX model (export.py --onnx, or "
+                                        f"--quantize int8 for model.int8.onnx)")
+            deploy.require("onnxruntime")
+            return "onnx"
+        if exported and os.path.isfile(wanted):
+            try:
+                deploy.require("onnxruntime")
+                return "onnx"
+            except deploy.MissingExtra:
+                if not os.path.isfile(os.path.join(source, "model.safetensors")):
+                    raise
+        return "torch"
+
+    def _load_onnx(self, folder: str, domain: Optional[str], int8: bool):
+        import deploy
+        self.backend = deploy.OnnxBackend(deploy.onnx_file_of(folder, int8))
+        metadata = dict(self.backend.session.get_modelmeta().custom_metadata_map)
+        self.labels = deploy.labels_of(metadata)
+        if not self.labels:
+            raise ValueError(f"{self.backend.path}: no label names in its metadata (export it "
+                             f"with export.py --onnx)")
+        own = metadata.get("domain") or None
+        if domain and own and domain != own:
+            raise ValueError(f"--domain {domain}: {self.backend.path} holds the head of "
+                             f"{own}; export that domain's head (export.py --domain)")
+        self.head = None
+        self.tokenizer = WordPieceTokenizer(os.path.join(folder, "vocab.txt"),
+                                            lowercase=metadata.get("do_lower_case") != "false")
+        self.max_seq_length = int(metadata.get("max_seq_length", 128))
 
     def _load_exported(self, folder: str):
         config = utils.read_json(os.path.join(folder, "config.json"))
@@ -84,21 +136,23 @@ class Predictor:
                                             lowercase=settings.get("lowercase", True))
         self.max_seq_length = settings.get("max_seq_length", 128)
 
+    # Tokenized a chunk at a time: memory stays bounded on large inputs.
+    CHUNK = 4096
+
     def predict(self, examples: List[Tuple[str, Optional[str]]], batch_size: int = 64,
                 progress: bool = False) -> torch.Tensor:
-        """Probabilities (N, labels), batched, in input order."""
+        """Probabilities (N, labels), batched by length, in input order."""
+        import deploy
         from tqdm import tqdm
         chunks = []
         bar = tqdm(total=len(examples), disable=not progress, desc="predict", unit="ex",
                    file=sys.stderr)
-        for start in range(0, len(examples), batch_size):
-            part = examples[start:start + batch_size]
+        for start in range(0, len(examples), self.CHUNK):
+            part = examples[start:start + self.CHUNK]
             features = self.tokenizer.encode_pairs([a for a, _ in part], [b for _, b in part],
                                                    self.max_seq_length)
-            tensors = {k: torch.from_numpy(v).long() for k, v in features.items()}
-            logits = training.predict_logits(self.model, tensors, self.head, batch_size, self.device)
-            chunks.append(torch.softmax(logits, dim=-1))
-            bar.update(len(part))
+            logits = deploy.predict_features(self.backend, features, batch_size, bar.update)
+            chunks.append(torch.softmax(torch.from_numpy(logits).float(), dim=-1))
         bar.close()
         return torch.cat(chunks) if chunks else torch.zeros(0, len(self.labels))
 
@@ -142,7 +196,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=64, help="examples per forward")
     parser.add_argument("--max_seq_length", type=int, help="default: the run's")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda")
+                        help="cpu or cuda (the torch backend)")
+    parser.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto",
+                        help="auto: ONNX Runtime for an exported folder holding model.onnx "
+                             "(export.py --onnx) when onnxruntime is installed, else PyTorch")
+    parser.add_argument("--int8", action="store_true",
+                        help="run the folder's model.int8.onnx (export.py --quantize int8)")
     args = parser.parse_intermixed_args(argv)  # texts may follow the options
 
     def run():
@@ -156,7 +215,8 @@ def main(argv=None) -> int:
             examples = read_texts(args.file)
         else:
             examples = read_examples(sys.stdin)
-        predictor = Predictor(args.model, args.domain, args.max_seq_length, args.device)
+        predictor = Predictor(args.model, args.domain, args.max_seq_length, args.device,
+                              args.backend, args.int8)
         probabilities = predictor.predict(examples, args.batch_size,
                                           progress=len(examples) >= PROGRESS_THRESHOLD)
         text = "\n".join(format_rows(examples, probabilities, predictor.labels, args.format))
