@@ -250,6 +250,9 @@ def run_benchmarks(args) -> dict:
     if "peer" in cases:
         peer_benchmarks(args, device, teacher_config, student_config, batches, record_pair,
                         results)
+    if "deploy" in cases:
+        import deploy_bench
+        deploy_bench.deploy_benchmarks(args, results)
     if "inference" in cases:
         inference_benchmarks(args, device, teacher_config, student_config, generator, results)
     return results
@@ -539,7 +542,16 @@ def build_parser():
     parser.add_argument("--cases", default="train,inference",
                         help="comma-separated: train (every stage's step), hrkd (only the "
                              "stage-4 pairs), peer (stage 2 against TextBrewer's "
-                             "GeneralDistiller; needs requirements-dev.txt), inference")
+                             "GeneralDistiller; needs requirements-dev.txt), inference, "
+                             "deploy (every deployed form at the real and paper sizes on "
+                             "real reviews: deploy_bench.py; needs onnxruntime)")
+    parser.add_argument("--deploy_texts", type=int, default=200,
+                        help="deploy: reviews timed one by one at batch 1")
+    parser.add_argument("--deploy_batches", type=int, default=3,
+                        help="deploy: timed batches of --infer_batch reviews padded to --seq_len")
+    parser.add_argument("--deploy_sizes", default="real,paper",
+                        help="deploy: the sizes to run (real: MiniLM-6L / 2L-384; paper: "
+                             "BERT-base / TinyBERT 4L-312)")
     parser.add_argument("--out", help="write the JSON here (default: stdout)")
     return parser
 

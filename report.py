@@ -15,6 +15,8 @@ Reads the run directories the ``.sh`` launchers write under --runs (default ``ru
 Writes into --out (default <runs>/report): results_<task>.md/.csv, comparisons_<task>.md/.csv
 (the key differences seed by seed, a paired t-test and the test sets' binomial error),
 fewshot_<task>.md/.csv and fewshot_<task>.png (accuracy against the training ratio),
+tradeoff_<task>.md/.csv and tradeoff_<task>.png (test accuracy against batch-1 latency and size
+of every deployed form of every run with a deployment.json: deploy_eval.py),
 domain_weights_<task>.md/.csv (each domain's mean weight and spread) and
 domain_weights_<task>_<variant>_seed<S>.png (w[l, d] over training, a panel per level) for runs
 that logged domain weights, and with --study_domain D study_<task>.md/.csv. Prints the tables.
@@ -290,6 +292,116 @@ def plot_fewshot(root: str, task: str, out_path: str) -> bool:
     return True
 
 
+def method_of(run_dir: str, root: str, task: str) -> Optional[str]:
+    """The METHODS row a run directory belongs to (by its path under ``root``)."""
+    relative = os.path.relpath(run_dir, root).replace(os.sep, "/")
+    for label, template, _ in METHODS:
+        pattern = re.escape(template).replace(re.escape("{task}"), re.escape(task)).replace(
+            re.escape("{domain}"), "[^/]+")
+        if re.fullmatch(pattern + r"(/seed[^/]+)?", relative):
+            return label
+    return None
+
+
+# Deployed forms (deploy_eval.py) in the order a reader compares them.
+FORM_LABELS = {"torch_fp32": "PyTorch fp32", "torch_bf16": "PyTorch bf16",
+               "onnx_fp32": "ONNX Runtime fp32", "onnx_int8": "ONNX Runtime int8"}
+
+
+def deployments(root: str, task: str) -> List[dict]:
+    """Every deployment.json under ``root`` with its method and seed; the per-domain runs of
+    a single-domain method (one run a domain) are merged into one model per seed: accuracy
+    of each domain from its own run, latency and size averaged over them."""
+    merged: Dict[Tuple[str, str], dict] = {}
+    for path in sorted(glob.glob(os.path.join(root, "**", "deployment.json"), recursive=True)):
+        run_dir = os.path.dirname(path)
+        label = method_of(run_dir, root, task)
+        if label is None:
+            continue
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+        if record.get("task") != task:
+            continue
+        seed = os.path.basename(run_dir)
+        into = merged.setdefault((label, seed), {"method": label, "seed": seed, "runs": [],
+                                                 "forms": {}, "int8_minus_fp32_points": {}})
+        into["runs"].append(os.path.relpath(run_dir, root))
+        into["int8_minus_fp32_points"].update(record.get("int8_minus_fp32_points", {}))
+        for form, entry in record["forms"].items():
+            target = into["forms"].setdefault(form, {"accuracy": {}, "latency": [], "p90": [],
+                                                     "size": []})
+            target["accuracy"].update(entry["accuracy"])
+            target["latency"].append(entry["batch1"]["median_ms"])
+            target["p90"].append(entry["batch1"]["p90_ms"])
+            target["size"].append(entry["size_mb"])
+    found = []
+    for record in merged.values():
+        for entry in record["forms"].values():
+            entry.update(mean=float(np.mean(list(entry["accuracy"].values()))),
+                         batch1={"median_ms": float(np.mean(entry.pop("latency"))),
+                                 "p90_ms": float(np.mean(entry.pop("p90")))},
+                         size_mb=float(np.mean(entry.pop("size"))))
+        record["name"] = (record["runs"][0] if len(record["runs"]) == 1 else
+                          f"{record['method']} ({record['seed']}, {len(record['runs'])} runs)")
+        found.append(record)
+    return found
+
+
+def tradeoff_rows(root: str, task: str):
+    """Per run and deployed form: mean test accuracy, batch-1 latency, size, and for int8 its
+    largest drop against fp32 on any domain."""
+    header = ["Run", "Form", "mean test accuracy (%)", "batch-1 latency (ms, median / p90)",
+              "size (MiB)", "int8 - fp32, worst domain (points)"]
+    rows = []
+    for record in deployments(root, task):
+        for form, label in FORM_LABELS.items():
+            entry = record["forms"].get(form)
+            if entry is None:
+                continue
+            worst = "-"
+            if form == "onnx_int8":
+                worst = f"{min(record['int8_minus_fp32_points'].values()):+.1f}"
+            rows.append([record["name"], label, f"{100 * entry['mean']:.1f}",
+                         f"{entry['batch1']['median_ms']:.2f} / {entry['batch1']['p90_ms']:.2f}",
+                         f"{entry['size_mb']:.1f}", worst])
+    return header, rows
+
+
+def plot_tradeoff(root: str, task: str, out_path: str) -> bool:
+    """Test accuracy against batch-1 latency (left) and size on disk (right): one marker per
+    deployed form, one colour per run."""
+    records = deployments(root, task)
+    if not records:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    markers = {"torch_fp32": "o", "torch_bf16": "s", "onnx_fp32": "^", "onnx_int8": "v"}
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for index, record in enumerate(records):
+        colour = f"C{index % 10}"
+        for form, entry in record["forms"].items():
+            accuracy = 100 * entry["mean"]
+            axes[0].scatter(entry["batch1"]["median_ms"], accuracy, color=colour,
+                            marker=markers.get(form, "x"))
+            axes[1].scatter(entry["size_mb"], accuracy, color=colour,
+                            marker=markers.get(form, "x"))
+        axes[0].scatter([], [], color=colour, label=f"{record['method']} ({record['seed']})")
+    for form, marker in markers.items():
+        axes[1].scatter([], [], color="grey", marker=marker, label=FORM_LABELS[form])
+    axes[0].set_xscale("log")
+    axes[1].set_xscale("log")
+    axes[0].set_xlabel("batch-1 latency (ms, median; log scale)")
+    axes[1].set_xlabel("size on disk (MiB; log scale)")
+    axes[0].set_ylabel("test accuracy (%), mean over domains")
+    axes[0].legend(fontsize=6)
+    axes[1].legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+    plt.close(figure)
+    return True
+
+
 def read_weight_records(run_dir: str) -> List[dict]:
     """domain_weights.jsonl, one record per evaluation step (a resumed run may have written a
     step twice: the later record wins), in step order."""
@@ -439,6 +551,12 @@ def report(root: str, out_dir: str, tasks: List[str]) -> str:
             printed.append(write_table(out_dir, f"fewshot_{task}", *fewshot,
                                        f"{task}: few-shot, average test accuracy (%)"))
             plot_fewshot(root, task, os.path.join(out_dir, f"fewshot_{task}.png"))
+        tradeoff = tradeoff_rows(root, task)
+        if tradeoff[1]:
+            printed.append(write_table(out_dir, f"tradeoff_{task}", *tradeoff,
+                                       f"{task}: deployed forms, accuracy against speed and "
+                                       f"size (deploy_eval.py)"))
+            plot_tradeoff(root, task, os.path.join(out_dir, f"tradeoff_{task}.png"))
         weight_rows = []
         for label, template, per_domain in METHODS:
             if per_domain or not template.startswith("finetune_multi_domain"):

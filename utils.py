@@ -518,7 +518,7 @@ def main_guard(run: Callable[[], None]) -> int:
 
 # The small files of a finished run that are kept in the repository (results/): enough for
 # report.py to remake every table and plot without the weights.
-PROVENANCE_FILES = ("results.json", "config.json", "domain_weights.jsonl")
+PROVENANCE_FILES = ("results.json", "config.json", "domain_weights.jsonl", "deployment.json")
 
 
 def collect_finished(root: str, dest: str) -> List[str]:

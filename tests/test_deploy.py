@@ -163,3 +163,58 @@ def test_an_export_that_disagrees_with_pytorch_is_not_kept(runs, tmp_path, monke
     assert export.main([str(runs / "single"), "--out", str(out), "--onnx"]) == 1
     assert "differ from PyTorch's" in capsys.readouterr().err
     assert not (out / "model.onnx").exists() and not (out / "model.onnx.partial").exists()
+
+
+# The accuracy-speed-size picture ------------------------------------------------------------
+def test_hugging_face_form_computes_our_logits(runs):
+    import deploy_bench
+    model = model_from_checkpoint(str(runs / "single" / "best_model.bin")).eval()
+    features = WordPieceTokenizer(str(runs / "single" / "vocab.txt")).encode_pairs(
+        TEXTS, None, 32)
+    ours = deploy_bench.torch_form(model)(features)
+    theirs = deploy_bench.hf_form(model)(features)
+    assert np.abs(ours - theirs).max() <= 1e-5
+
+
+def test_bench_deploy_case_measures_every_form(tmp_path):
+    import bench
+    out = tmp_path / "bench.json"
+    assert bench.main(["--cases", "deploy", "--deploy_sizes", "tiny", "--deploy_texts", "8",
+                       "--deploy_batches", "1", "--infer_batch", "4", "--seq_len", "32",
+                       "--out", str(out)]) == 0
+    deploy_results = json.loads(out.read_text())["deploy"]
+    tiny = deploy_results["sizes"]["tiny"]
+    assert {"teacher_torch_fp32", "student_hf_fp32", "student_torch_fp32", "student_onnx_fp32",
+            "student_onnx_int8"} <= set(tiny["forms"])
+    for form in tiny["forms"].values():
+        assert form["batch1"]["requests"] == 8 and form["batch1"]["p90_ms"] > 0
+        assert form["bulk"]["batch"] == 4 and form["bulk"]["examples_per_s"] > 0
+    assert tiny["vs_hf_student_fp32"]["student_hf_fp32"]["batch1_speedup"] == 1.0
+    assert tiny["size_mb"]["student_onnx_int8"] < tiny["size_mb"]["student_onnx_fp32"]
+
+
+def test_deploy_eval_reports_each_forms_accuracy_and_the_tradeoff(sample, runs, tmp_path,
+                                                                  capsys):
+    import deploy_eval
+    import report
+    root = tmp_path / "runs"
+    run = root / "train_multi_domain" / "amazon" / "seed42"
+    args = tiny_teacher_args(sample, run, 3, "--learning_rate", "1e-3", "--do_train",
+                             "--do_test")
+    assert train_multi_domain.main(args) == 0
+    assert deploy_eval.main([str(run), "--latency_texts", "5"]) == 0
+    record = json.load(open(run / "deployment.json"))
+    test = json.load(open(run / "results.json"))["test"]["per_domain"]
+    # PyTorch and ONNX Runtime fp32 give the run's own test accuracy on every domain
+    for form in ("torch_fp32", "onnx_fp32"):
+        assert record["forms"][form]["accuracy"] == pytest.approx(test, abs=1e-6)
+    assert set(record["int8_minus_fp32_points"]) == set(test)
+    assert record["forms"]["onnx_int8"]["size_mb"] < record["forms"]["onnx_fp32"]["size_mb"]
+    text = report.report(str(root), str(tmp_path / "report"), ["amazon"])
+    assert "| train_multi_domain/amazon/seed42 | ONNX Runtime int8 |" in text
+    assert (tmp_path / "report" / "tradeoff_amazon.png").stat().st_size > 1000
+    capsys.readouterr()
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    assert deploy_eval.main([str(unfinished)]) == 1
+    assert "not a finished run" in capsys.readouterr().err
