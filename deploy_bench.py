@@ -70,7 +70,7 @@ def onnx_forms(model: BertClassifier, folder: str, max_seq_length: int,
     path = os.path.join(folder, deploy.ONNX_FILE)
     head = None if model.num_domains is None else 0
     deploy.write_onnx(model, head, path, {}, max_seq_length)
-    deploy.write_int8(path, os.path.join(folder, deploy.INT8_FILE))
+    deploy.int8_from(model, path, os.path.join(folder, deploy.INT8_FILE))
     return {"onnx_fp32": deploy.OnnxBackend(path, threads).logits,
             "onnx_int8": deploy.OnnxBackend(os.path.join(folder, deploy.INT8_FILE),
                                             threads).logits}

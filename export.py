@@ -124,7 +124,7 @@ def export_one(checkpoint: str, domain: Optional[str], out_dir: str, vocab_file:
         difference = deploy.write_onnx(model, head, onnx_path, metadata, length)
         print(f"{onnx_path}: logits within {difference:.1e} of PyTorch's", file=sys.stderr)
         if quantize == "int8":
-            deploy.write_int8(onnx_path, os.path.join(out_dir, deploy.INT8_FILE))
+            deploy.int8_from(model, onnx_path, os.path.join(out_dir, deploy.INT8_FILE))
     return out_dir
 
 

@@ -218,3 +218,18 @@ def test_deploy_eval_reports_each_forms_accuracy_and_the_tradeoff(sample, runs, 
     unfinished.mkdir()
     assert deploy_eval.main([str(unfinished)]) == 1
     assert "not a finished run" in capsys.readouterr().err
+
+
+def test_int8_quantizes_the_fused_graph_and_falls_back_to_the_plain_one(single, tmp_path,
+                                                                          monkeypatch):
+    config = json.load(open(single / "config.json"))
+    args = (config["num_attention_heads"], config["hidden_size"], config["vocab_size"])
+    fused = deploy.fused_graph(str(single / "model.onnx"), str(tmp_path / "fused.onnx"), *args)
+    assert fused == str(tmp_path / "fused.onnx")  # the BERT fusions apply to our graph
+    monkeypatch.setattr(deploy, "CHECK_TOLERANCE", -1.0)  # no fused graph is ever accepted
+    assert deploy.fused_graph(str(single / "model.onnx"), str(tmp_path / "again.onnx"),
+                              *args) is None
+    deploy.write_int8(str(single / "model.onnx"), str(tmp_path / "int8.onnx"), *args)
+    logits = session_logits(tmp_path / "int8.onnx", WordPieceTokenizer(
+        str(single / "vocab.txt")).encode_pairs(TEXTS, None, 32))
+    assert logits.shape == (len(TEXTS), 2) and not (tmp_path / "int8.onnx.fused.onnx").exists()
