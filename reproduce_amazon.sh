@@ -8,6 +8,7 @@
 #   bash reproduce_amazon.sh fewshot   # teachers, TinyBERT-KD, multi-domain KD and HRKD on
 #                                      # FEWSHOT_PERCENTS of the training data
 #   bash reproduce_amazon.sh left      # what table and fewshot still have to run, how long
+#   bash reproduce_amazon.sh deploy    # deploy_eval.py on the table's runs: the trade-off plot
 #   bash reproduce_amazon.sh all       # table, then fewshot
 #   bash reproduce_amazon.sh study     # label-noise study: NOISY_DOMAIN's training labels flipped
 #                                      # with FLIP_PROB (default kitchen, 0.4), stage 3 on them,
@@ -34,6 +35,8 @@ usage: bash reproduce_amazon.sh STEP   (the real Amazon reviews, PRESET=real; RE
   study     the label-noise study (NOISY_DOMAIN, FLIP_PROB; stage 3 then stage 4)
   left      what table and fewshot still have to run under OUT_ROOT, with estimated times
             from the runs that finished there (table and fewshot print it when they start)
+  deploy    the deployed forms (PyTorch, ONNX Runtime fp32 / int8) of the table's finished
+            runs of DEPLOY_SEEDS (default 42): accuracy, batch-1 latency, size; report.py
 
 Measured on the 2-core development machine in the old CPU configuration (T = 64, one seed,
 3 student epochs, before the rows above were added; RESULTS.md):
@@ -57,9 +60,9 @@ TEXT
 
 STEP=${1:-}
 case "${STEP}" in
-  tune|table|fewshot|all|study|left) ;;
+  tune|table|fewshot|all|study|left|deploy) ;;
   ""|help|-h|--help) usage; exit 0 ;;
-  *) echo "error: unknown step '${STEP}' (tune, table, fewshot, all, study or left; see --help)" >&2
+  *) echo "error: unknown step '${STEP}' (tune, table, fewshot, all, study, left or deploy; see --help)" >&2
      exit 1 ;;
 esac
 
@@ -151,6 +154,26 @@ table() {
   "${PYTHON}" report.py --runs "${OUT_ROOT}" --out "${OUT_ROOT}/report" --tasks amazon
 }
 
+# The deployed forms of the table's models (deploy_eval.py: PyTorch, ONNX Runtime fp32 and
+# int8 on the test sets, batch-1 latency, size) for the seeds in DEPLOY_SEEDS, then report.py's
+# trade-off plot. Runs that already have a deployment.json are left alone.
+deploy() {
+  local seed run ask=${PYTHON}  # ask: a real interpreter for the torch-free check, dry runs too
+  if [ "${DRY_RUN}" = 1 ]; then ask=python3; [ -x .venv/bin/python ] && ask=.venv/bin/python; fi
+  for seed in ${DEPLOY_SEEDS:-42}; do
+    for run in "${OUT_ROOT}"/{train_domain,finetune_domain,labels_only_domain}/amazon/*/seed"${seed}" \
+               "${OUT_ROOT}"/{train_multi_domain,train_pooled,labels_only_multi_domain}/amazon/seed"${seed}" \
+               "${OUT_ROOT}"/finetune_multi_domain/amazon/*/seed"${seed}"; do
+      [ -d "${run}" ] || continue
+      if [ -f "${run}/deployment.json" ]; then continue; fi
+      if "${ask}" utils.py finished "${run}" --tested; then
+        "${PYTHON}" deploy_eval.py "${run}" --data_dir "${AMAZON_DIR}"
+      fi
+    done
+  done
+  "${PYTHON}" report.py --runs "${OUT_ROOT}" --out "${OUT_ROOT}/report" --tasks amazon
+}
+
 # What the table and the few-shot study (or one of them: full | fewshot) still have to run,
 # from a dry run of their commands (plan.py: each run's state, estimated time left).
 left() {
@@ -235,4 +258,5 @@ case "${STEP}" in
   all) table full; table fewshot ;;
   study) study ;;
   left) left ;;
+  deploy) deploy ;;
 esac

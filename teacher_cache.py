@@ -138,10 +138,9 @@ class TeacherTargets:
                 for targets, batch in zip(self.per_domain, batches)]
 
 
-def _describe(teacher, head: Optional[int], inputs: Dict[str, torch.Tensor], mapped, amp: str,
-              chunk_rows: int) -> dict:
-    from training import weights_digest
-    return {"version": CACHE_VERSION, "teacher": weights_digest(teacher), "head": head,
+def _describe(teacher_digest: str, head: Optional[int], inputs: Dict[str, torch.Tensor], mapped,
+              amp: str, chunk_rows: int) -> dict:
+    return {"version": CACHE_VERSION, "teacher": teacher_digest, "head": head,
             "inputs": _digest(inputs["input_ids"], inputs["segment_ids"],
                               inputs["attention_mask"]),
             "mapped": list(mapped), "amp": amp, "chunk_rows": chunk_rows}
@@ -220,11 +219,15 @@ def _compute(folder: str, teacher, head: Optional[int], inputs: Dict[str, torch.
 
 
 def domain_targets(cache_dir: str, teacher, head: Optional[int], inputs: Dict[str, torch.Tensor],
-                   student_layers: int, amp: str, chunk_rows: int, device) -> DomainTargets:
+                   student_layers: int, amp: str, chunk_rows: int, device,
+                   teacher_digest: Optional[str] = None) -> DomainTargets:
     """One domain's targets: read from the cache when a valid entry exists, else computed and
-    stored (atomically: a temporary folder renamed into place)."""
+    stored (atomically: a temporary folder renamed into place). ``teacher_digest``: the
+    teacher's weights_digest when the caller has it (one hash per teacher, not per domain)."""
+    from training import weights_digest
     mapped = teacher_layer_for(student_layers, teacher.config.num_hidden_layers)
-    description = _describe(teacher, head, inputs, mapped, amp, chunk_rows)
+    description = _describe(teacher_digest or weights_digest(teacher), head, inputs, mapped, amp,
+                            chunk_rows)
     key = hashlib.sha1(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
     folder = os.path.join(cache_dir, "teacher", key)
     manifest = _read_manifest(folder) if os.path.isdir(folder) else None
@@ -275,20 +278,23 @@ def prepare(mode: str, cache_dir: str, budget_gb: float, teachers, groups: List[
         logger.info("teacher cache off: the targets would take %s, over --teacher_cache_gb %g "
                     "(the teacher runs in every step instead)", gigabytes(needed), budget_gb)
         return None
-    if needed > 0.9 * free_bytes(cache_dir):
+    free = free_bytes(cache_dir)
+    if needed > 0.9 * free:
         logger.info("teacher cache off: the targets would take %s and %s has %s free",
-                    gigabytes(needed), cache_dir, gigabytes(free_bytes(cache_dir)))
+                    gigabytes(needed), cache_dir, gigabytes(free))
         return None
     per_domain: List[Optional[DomainTargets]] = [None] * len(train_features)
     is_main = dist is None or dist.is_main
     if not is_main:
         dist.barrier()  # rank 0 builds; the others then find every entry
+    from training import weights_digest
     for teacher, domains in zip(teachers, groups):
+        digest = weights_digest(teacher)
         for domain in domains:
             head = domain if teacher.num_domains is not None else None
             per_domain[domain] = domain_targets(
                 cache_dir, teacher, head, train_features[domain], student_layers, amp,
-                batch_size * len(domains), device)
+                batch_size * len(domains), device, digest)
     if dist is not None and is_main:
         dist.barrier()
     logger.info("teacher cache on: %s for %d domain(s) under %s", gigabytes(needed),
