@@ -193,6 +193,35 @@ def comparison_rows(root: str, task: str):
     return header, rows
 
 
+def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, int]]:
+    """{method: {machine: finished runs}} from each run's config.json ("machine", recorded
+    since 2026-12-02; older runs count as "not recorded")."""
+    found: Dict[str, Dict[str, int]] = {}
+    domains = task_domains(root, task)
+    for label, template, _ in METHODS:
+        for domain in domains:
+            for run in seed_dirs(os.path.join(root, template.format(task=task, domain=domain))):
+                if _test_accuracy(run, domain) is None:
+                    continue
+                config = utils.read_json(os.path.join(run, "config.json"), None) or {}
+                results = utils.read_json(os.path.join(run, "results.json"), {}) or {}
+                machine = config.get("machine") or (
+                    "scikit-learn on the CPU" if results.get("method", "").startswith("tfidf")
+                    else "not recorded")
+                counts = found.setdefault(label, {})
+                counts[machine] = counts.get(machine, 0) + 1
+            if not template.count("{domain}"):
+                break  # one run folder serves every domain
+    return found
+
+
+def hardware_footer(root: str, task: str) -> str:
+    lines = [f"- {label}: " + "; ".join(f"{machine} ({utils.plural(count, 'run')})"
+                                       for machine, count in machines.items())
+             for label, machines in hardware_of_rows(root, task).items()]
+    return "\nHardware of each row's runs:\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 def format_cell(values: List[float]) -> str:
     if not values:
         return "-"
@@ -222,11 +251,13 @@ def to_markdown(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(out_dir: str, name: str, header, rows, title: str) -> str:
+def write_table(out_dir: str, name: str, header, rows, title: str,
+                footer: str = "") -> str:
     os.makedirs(out_dir, exist_ok=True)
     markdown = f"### {title}\n\n" + to_markdown(header, rows)
     if any("*" in cell for row in rows for cell in row[1:]):
         markdown += "\n\\* a single run (no seed spread)\n"
+    markdown += footer
     with open(os.path.join(out_dir, name + ".md"), "w", encoding="utf-8") as handle:
         handle.write(markdown)
     with open(os.path.join(out_dir, name + ".csv"), "w", encoding="utf-8", newline="") as handle:
@@ -540,7 +571,7 @@ def report(root: str, out_dir: str, tasks: List[str]) -> str:
             continue
         header, rows = table_rows(table, domains)
         printed.append(write_table(out_dir, f"results_{task}", header, rows,
-                                   f"{task}: test accuracy (%)"))
+                                   f"{task}: test accuracy (%)", hardware_footer(root, task)))
         comparisons = comparison_rows(root, task)
         if comparisons[1]:
             printed.append(write_table(out_dir, f"comparisons_{task}", *comparisons,

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import gc
 import os
+import platform
 import random
 from typing import Dict, Tuple
 
@@ -89,6 +90,24 @@ def leave_process_group():
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def describe_machine(device: torch.device) -> str:
+    """The hardware a run's figures come from, for config.json and report.py: the GPU's name,
+    or the CPU's model, core count and native bf16 feature, with the torch version."""
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} (GPU)"
+    else:
+        model = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as handle:
+                names = [line.split(":", 1)[1].strip() for line in handle
+                         if line.startswith("model name")]
+            model = names[0] if names else model
+        except OSError:
+            pass
+        where = f"{model}, {os.cpu_count()} cores, {native_bf16(device) or 'no native bf16'}"
+    return f"{where}; torch {torch.__version__}"
 
 
 # --------------------------------------------------------------------------------------------

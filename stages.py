@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from data_processing import PROCESSORS
-from runtime import Distributed, leave_process_group, resolve_amp, set_seed
+from runtime import (Distributed, describe_machine, leave_process_group, resolve_amp,
+                     set_seed)
 from training import LoopConfig, Stage, TrainState, run_test, train
 from utils import (STOPS, HelpFormatter, RunDir, default_cache_dir, describe_status, logger,
                    main_guard, read_json, release_locks, setup_logging)
@@ -386,7 +387,8 @@ def train_stage(context: StageContext, model: nn.Module, compute_loss, stage_nam
         # The label names and domains go into config.json too: exports and predictions of
         # runs on your own data (whose labels are read from it) name the same labels.
         run.prepare_for_training(args, context.dist, labels=context.labels,
-                                 domains=context.domains)
+                                 domains=context.domains,
+                                 machine=describe_machine(context.dist.device))
         setup_logging(run.file("train.log"), context.dist.is_main)
         copy_vocab(context.vocab_file, run)
         if prepare is not None:

@@ -26,6 +26,13 @@ def test_no_module_or_tool_imports_a_stage_script():
         assert not imports & STAGE_SCRIPTS, f"{module}.py imports {imports & STAGE_SCRIPTS}"
 
 
+def run_python(code: str):
+    """``code`` in a fresh interpreter at the repository root; its failure is the test's."""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def test_each_module_imports_alone():
     """A fresh interpreter per module (all started at once): no import circle, no order
     dependence."""
@@ -42,11 +49,9 @@ def test_each_module_imports_alone():
 
 def test_tools_that_write_text_do_not_import_torch():
     code = ("import sys, utils, variants, data_processing, tokenization, sample_corpus, "
-            "download; "
+            "download, plan; "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    run_python(code)
 
 
 def test_every_weighting_strategy_has_a_variant():
@@ -68,9 +73,7 @@ def test_stage_scripts_do_not_import_dynamo():
     code = ("import sys, train_domain, finetune_domain, train_multi_domain, "
             "finetune_multi_domain, teacher_cache; "
             "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    run_python(code)
 
 
 def test_one_concept_per_module_and_arrows_down():
@@ -86,8 +89,6 @@ def test_one_concept_per_module_and_arrows_down():
             f"for name in {library!r}:\n"
             "    importlib.import_module(name)\n"
             "assert 'sample_corpus' not in sys.modules, 'a library module imports the generator'\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    run_python(code)
     tokenizer_imports = set(imported_modules(os.path.join(ROOT, "tokenization.py")))
     assert not tokenizer_imports & set(MODULES), "tokenization.py imports a project module"

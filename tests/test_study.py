@@ -193,3 +193,20 @@ def test_reproduce_left_prints_the_plan_and_creates_nothing(tmp_path):
     assert "stage 1: single-domain teachers: 0 of 12 runs finished" in result.stdout
     assert "stage 4: multi-domain students: 0 of 12 runs finished" in result.stdout
     assert not out.exists()
+
+
+def test_report_says_on_which_hardware_each_row_ran(tmp_path):
+    for seed, machine in ((42, "NVIDIA H200 (GPU); torch 2.11"), (43, "AMD EPYC, 2 cores")):
+        run = tmp_path / f"finetune_multi_domain/amazon/hrkd/seed{seed}"
+        write_run(run, 0.8)
+        (run / "config.json").write_text(json.dumps({"machine": machine}))
+    write_run(tmp_path / "finetune_multi_domain/amazon/uniform/seed42", 0.8)  # older: none
+    text = report.report(str(tmp_path), str(tmp_path / "out"), ["amazon"])
+    assert "- HRKD: NVIDIA H200 (GPU); torch 2.11 (1 run); AMD EPYC, 2 cores (1 run)" in text
+    assert "- HRKD (uniform weights): not recorded (1 run)" in text
+
+
+def test_runs_record_their_machine(sample, pooled_teacher):
+    config = json.load(open(pooled_teacher / "config.json"))
+    assert "torch " in config["machine"] and ("cores" in config["machine"]
+                                               or "GPU" in config["machine"])
