@@ -5,7 +5,8 @@ Reads the commands of a dry run (``PYTHON=echo``: one stage command per line, an
 (``{domain}`` over --domain, ``{variant}`` over --variant); asks each run its state
 (utils.run_status); estimates the time of what is left from the finished runs under --runs
 (seconds per step of the same script at the same sequence length, from config.json's
-"started" and the finished marker's "at"; runs that were resumed are not used). Prints one
+"started" to results.json's last write, the finished marker; runs that were resumed are not
+used). Prints one
 line per stage and a total. Torch-free.
 
     PYTHON=echo bash reproduce_amazon.sh table | python plan.py --runs runs/amazon_real
@@ -92,16 +93,15 @@ def parse_commands(lines) -> List[Section]:
 
 
 def _wall_seconds(run_dir: str) -> Optional[float]:
-    """From config.json's start to the finished marker ("at"; for markers older than that
-    field, results.json's modification time, which the marker wrote last)."""
+    """From config.json's start to the finished marker: results.json's modification time (the
+    marker is written last)."""
     config = read_json(os.path.join(run_dir, RunDir.CONFIG), {}) or {}
     results = os.path.join(run_dir, RunDir.RESULTS)
     finished = (read_json(results, {}) or {}).get("finished") or {}
     if (not config.get("started") or not finished
             or os.path.isfile(os.path.join(run_dir, "config_resumed.json"))):
         return None
-    end = (datetime.datetime.fromisoformat(finished["at"]) if finished.get("at") else
-           datetime.datetime.fromtimestamp(os.path.getmtime(results)))
+    end = datetime.datetime.fromtimestamp(os.path.getmtime(results))
     seconds = (end - datetime.datetime.fromisoformat(config["started"])).total_seconds()
     return seconds if seconds > 0 else None
 

@@ -465,10 +465,9 @@ class RunDir:
     def mark_finished(self, train_steps: Optional[int], tested: bool):
         """The completion marker: results.json's ``finished`` entry, written last, atomically
         (what SKIP_FINISHED, --skip_finished, report.py and the study scripts trust)."""
-        self.update_results(finished={
-            "train_steps": train_steps, "tested": bool(tested),
-            # with config.json's "started", the run's wall time (plan.py's estimates)
-            "at": datetime.datetime.now().isoformat(timespec="seconds")})
+        # No timestamp: a run's results.json is the same however often it is rerun (plan.py
+        # takes the finishing time from the file's modification time).
+        self.update_results(finished={"train_steps": train_steps, "tested": bool(tested)})
 
     def status(self, need_test: bool = False) -> dict:
         return run_status(self.path, need_test)

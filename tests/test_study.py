@@ -1,6 +1,7 @@
 """The real study's rows and tools (issue 22): the mix teacher, the students on the labels
 alone, the paired comparisons with the binomial error, the few-shot plot, the plan of what is
 left, and the launchers' switches for them."""
+import datetime
 import json
 import os
 import subprocess
@@ -164,7 +165,9 @@ def test_plan_counts_what_is_left_and_estimates_it(tmp_path):
         "args": {"max_seq_length": 32, "train_ratio": 0.9, "num_train_epochs": 2,
                  "max_steps": 0}}))
     (done / "results.json").write_text(json.dumps({"finished": {
-        "train_steps": 60, "tested": True, "at": "2026-12-01T10:03:00"}}))  # 3 s a step
+        "train_steps": 60, "tested": True}}))
+    finished_at = datetime.datetime(2026, 12, 1, 10, 3).timestamp()  # 180 s: 3 s a step
+    os.utime(done / "results.json", (finished_at, finished_at))
     lines = ["== stage 1: teachers (2026-12-02 01:00:00)",
              f"train_domain.py --domain books dvd kitchen --max_seq_length 32 --train_ratio 0.9 "
              f"--num_train_epochs 2 --output_dir {tmp_path}/train_domain/amazon/{{domain}}/seed42",
