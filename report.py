@@ -551,7 +551,10 @@ def incomplete_runs(root: str) -> List[List[str]]:
     for folder, subfolders, files in os.walk(root):
         if "results.json" in files or "last_checkpoint.pt" in files:
             subfolders[:] = []
-            status = utils.run_status(folder, need_test=True)
+            # a dev-only run (a tuning run: DO_TEST=0) is finished without a test
+            config = utils.read_json(os.path.join(folder, "config.json"), {}) or {}
+            status = utils.run_status(folder, need_test=config.get("args", {}).get("do_test",
+                                                                                  True))
             if status["state"] != "finished":
                 rows.append([os.path.relpath(folder, root), utils.describe_status(status)])
     return sorted(rows)

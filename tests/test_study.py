@@ -216,3 +216,14 @@ def test_runs_record_their_machine(sample, pooled_teacher):
     config = json.load(open(pooled_teacher / "config.json"))
     assert "torch " in config["machine"] and ("cores" in config["machine"]
                                                or "GPU" in config["machine"])
+
+
+def test_finished_tuning_runs_are_not_listed_as_incomplete(tmp_path):
+    for name, do_test, tested in (("tune", False, False), ("table", True, False)):
+        run = tmp_path / name / "train_domain/amazon/books/seed42"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"args": {"do_test": do_test}}))
+        (run / "results.json").write_text(json.dumps({"finished": {"train_steps": 3,
+                                                                   "tested": tested}}))
+    assert [row[0] for row in report.incomplete_runs(str(tmp_path))] == [
+        "table/train_domain/amazon/books/seed42"]
