@@ -521,14 +521,18 @@ PROVENANCE_FILES = ("results.json", "config.json", "domain_weights.jsonl", "depl
 
 
 def collect_finished(root: str, dest: str) -> List[str]:
-    """Copy the PROVENANCE_FILES of every finished, tested run under ``root`` to ``dest``,
-    keeping the run layout; returns the runs copied."""
+    """Copy the PROVENANCE_FILES of every finished run under ``root`` (tested, unless it ran
+    without --do_test: a tuning run) to ``dest``, keeping the run layout; returns the runs
+    copied."""
     copied = []
     for folder, subfolders, files in os.walk(root):
         if RunDir.RESULTS not in files:
             continue
         subfolders[:] = []
-        if run_status(folder, need_test=True)["state"] != "finished":
+        # a dev-only run (tuning: DO_TEST=0) is finished without a test
+        config = read_json(os.path.join(folder, RunDir.CONFIG), {}) or {}
+        need_test = config.get("args", {}).get("do_test", True)
+        if run_status(folder, need_test=need_test)["state"] != "finished":
             continue
         target = os.path.join(dest, os.path.relpath(folder, root))
         for name in PROVENANCE_FILES:

@@ -227,3 +227,15 @@ def test_finished_tuning_runs_are_not_listed_as_incomplete(tmp_path):
                                                                    "tested": tested}}))
     assert [row[0] for row in report.incomplete_runs(str(tmp_path))] == [
         "table/train_domain/amazon/books/seed42"]
+
+
+def test_collect_keeps_finished_tuning_runs(tmp_path):
+    import utils
+    for name, do_test, tested in (("tune", False, False), ("untested", True, False)):
+        run = tmp_path / "runs" / name / "train_domain/amazon/books/seed42"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"args": {"do_test": do_test}}))
+        (run / "results.json").write_text(json.dumps({"finished": {"train_steps": 3,
+                                                                   "tested": tested}}))
+    assert utils.collect_finished(str(tmp_path / "runs"), str(tmp_path / "kept")) == [
+        "tune/train_domain/amazon/books/seed42"]
