@@ -15,9 +15,10 @@
 #                                      # stage 4 with STUDY_VARIANTS for every seed of SEEDS; then
 #                                      # STUDY_CLEAN_VARIANTS with every domain clean (the table's
 #                                      # stage-3 teacher)
-# Settings from the environment: SEEDS (default "42"), MAX_SEQ_LENGTH (preset: 64 for CPU; the
-# spec's 128 on a GPU), AMAZON_DIR (default dataset/amazon, else ../shared/data/amazon),
-# OUT_ROOT (default runs/amazon_real), NUM_GPU, AMP, and any launcher variable.
+# Settings from the environment: SEEDS (default "42"), PRESET (default real: T = 128;
+# real_t64: the old CPU configuration), AMAZON_DIR (default dataset/amazon, else
+# ../shared/data/amazon), OUT_ROOT (default runs/amazon_real), NUM_GPU, AMP, and any launcher
+# variable (e.g. FEWSHOT_STEPS, TUNE_TEACHER_LRS, TUNE_STUDENT_EPOCHS).
 # Every stage's wall time is appended to $OUT_ROOT/timings.tsv.
 set -euo pipefail
 cd "$(dirname "$0")"
