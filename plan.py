@@ -38,6 +38,7 @@ class PlannedRun:
     train_ratio: float
     epochs: float
     max_steps: int
+    blocks: int = 0                     # --init_layers count (a student's model on labels)
     state: str = "missing"
     step: Optional[int] = None
     total_steps: Optional[int] = None
@@ -88,7 +89,7 @@ def parse_commands(lines) -> List[Section]:
             sections[-1].runs.append(PlannedRun(
                 script, path, int(number("--max_seq_length", 128)),
                 number("--train_ratio", 0.9), number("--num_train_epochs", 1),
-                int(number("--max_steps", 0))))
+                int(number("--max_steps", 0)), len(_flag(words, "--init_layers"))))
     return [s for s in sections if s.runs]
 
 
@@ -116,6 +117,7 @@ class Measured:
     max_steps: int
     steps: int
     seconds: float
+    blocks: int = 0
 
 
 def measured_runs(root: str) -> List[Measured]:
@@ -133,7 +135,7 @@ def measured_runs(root: str) -> List[Measured]:
                               float(args.get("train_ratio", 0.9)),
                               float(args.get("num_train_epochs", 1)),
                               int(args.get("max_steps", 0)), int(finished["train_steps"]),
-                              seconds))
+                              seconds, len(args.get("init_layers") or [])))
     return found
 
 
@@ -141,7 +143,10 @@ def estimate(run: PlannedRun, measured: List[Measured]) -> Optional[float]:
     """Seconds left for ``run``: its steps left times the seconds per step of finished runs of
     the same script and sequence length; the steps from the run itself, its --max_steps, or a
     finished run's steps scaled by the training ratio and the epochs."""
-    same = [m for m in measured if m.script == run.script and m.seq_length == run.seq_length]
+    # same script, sequence length and model (a student's blocks trained on the labels run at
+    # a student's pace, not a teacher's)
+    same = [m for m in measured if m.script == run.script and m.seq_length == run.seq_length
+            and m.blocks == run.blocks]
     if not same:
         return None
     per_step = sum(m.seconds for m in same) / sum(m.steps for m in same)

@@ -239,3 +239,17 @@ def test_collect_keeps_finished_tuning_runs(tmp_path):
                                                                    "tested": tested}}))
     assert utils.collect_finished(str(tmp_path / "runs"), str(tmp_path / "kept")) == [
         "tune/train_domain/amazon/books/seed42"]
+
+
+def test_plan_does_not_time_a_students_model_at_a_teachers_pace(tmp_path):
+    done = tmp_path / "train_domain/amazon/books/seed42"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text(json.dumps({
+        "command": ["train_domain.py"], "started": "2026-12-01T10:00:00",
+        "args": {"max_seq_length": 32, "train_ratio": 0.9, "num_train_epochs": 2}}))
+    (done / "results.json").write_text(json.dumps({"finished": {"train_steps": 60,
+                                                                "tested": True}}))
+    lines = [f"train_domain.py --domain dvd --max_seq_length 32 --init_layers 1 2 "
+             f"--output_dir {tmp_path}/labels_only_domain/amazon/{{domain}}/seed42"]
+    _, seconds, unknown = plan.summarise(plan.parse_commands(lines), str(tmp_path))
+    assert seconds == 0 and unknown == 1
