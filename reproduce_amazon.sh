@@ -3,6 +3,7 @@
 # all-MiniLM-L6-v2 teachers, 2-layer students from its blocks), then report.py. RESULTS.md holds
 # what these commands produced.
 #   bash reproduce_amazon.sh tune      # dev sweeps behind presets/real.sh (no test figures)
+#   bash reproduce_amazon.sh tune_fewshot  # dev sweep of the few-shot training length
 #   bash reproduce_amazon.sh table     # every row: stages 1-4, the mix teacher, the students on
 #                                      # the labels alone, TF-IDF; report.py
 #   bash reproduce_amazon.sh fewshot   # teachers, TinyBERT-KD, multi-domain KD and HRKD on
@@ -28,6 +29,9 @@ usage() {
 usage: bash reproduce_amazon.sh STEP   (the real Amazon reviews, PRESET=real; RESULTS.md)
 
   tune      dev sweeps behind presets/real.sh, books only (no test figures)
+  tune_fewshot  dev sweep of the few-shot steps (TUNE_FEWSHOT_STEPS, default "100 300") at
+            the smallest ratio (TUNE_FEWSHOT_PERCENT, default 2), books: teachers, then
+            students of the best teacher (no test figures)
   table     every row: stages 1-4 (the paper's rows and ablations), the mix teacher (one head
             on the pooled domains), the students on the labels alone, TF-IDF; report.py
   fewshot   teachers, TinyBERT-KD, multi-domain KD and HRKD on FEWSHOT_PERCENTS of the
@@ -61,9 +65,9 @@ TEXT
 
 STEP=${1:-}
 case "${STEP}" in
-  tune|table|fewshot|all|study|left|deploy) ;;
+  tune|tune_fewshot|table|fewshot|all|study|left|deploy) ;;
   ""|help|-h|--help) usage; exit 0 ;;
-  *) echo "error: unknown step '${STEP}' (tune, table, fewshot, all, study, left or deploy; see --help)" >&2
+  *) echo "error: unknown step '${STEP}' (tune, tune_fewshot, table, fewshot, all, study, left or deploy; see --help)" >&2
      exit 1 ;;
 esac
 
@@ -221,6 +225,31 @@ tune() {
   fi
 }
 
+# The few-shot training length, on dev: at the smallest ratio (the hardest: 2% is one batch of
+# 32 books reviews, so the released recipe's epochs are a handful of steps and leave the
+# teachers at chance) each candidate of TUNE_FEWSHOT_STEPS trains a books teacher for that many
+# steps, evaluated every TUNE_FEWSHOT_VAL_FREQ steps; then each candidate trains a TinyBERT-KD
+# student of the best teacher. presets/real.sh carries what dev chose, per stage.
+tune_fewshot() {
+  local percent=${TUNE_FEWSHOT_PERCENT:-${FEWSHOT_PERCENTS%% *}} root=${OUT_ROOT}/tune_fewshot
+  local steps teacher sub=fewshot/p${percent}
+  export AMAZON_DOMAINS=books SEEDS=42 MODE=fewshot DO_TEST=0 FEWSHOT_PERCENTS=${percent}
+  export VAL_FREQ=${TUNE_FEWSHOT_VAL_FREQ:-25}
+  for steps in ${TUNE_FEWSHOT_STEPS:-100 300}; do
+    OUT_ROOT=${root}/teacher_steps${steps} FEWSHOT_STEPS=${steps} \
+      timed "tune few-shot stage 1, ${percent}%, ${steps} steps" bash train_domain.sh
+  done
+  echo "few-shot stage-1 dev (books, ${percent}%):"
+  teacher=$(best_dev "${root}"/teacher_steps*/"${sub}"/train_domain/amazon/books/seed42)
+  for steps in ${TUNE_FEWSHOT_STEPS:-100 300}; do
+    link_teacher "${teacher}" "${root}/student_steps${steps}/${sub}/train_domain/amazon/books"
+    OUT_ROOT=${root}/student_steps${steps} FEWSHOT_STEPS=${steps} \
+      timed "tune few-shot stage 2, ${percent}%, ${steps} steps" bash finetune_domain.sh
+  done
+  echo "few-shot stage-2 dev (books, ${percent}%):"
+  best_dev "${root}"/student_steps*/"${sub}"/finetune_domain/amazon/books/seed42 > /dev/null
+}
+
 # The label-noise study: does a weighting give the unreliable domain less than 1/D, and what
 # does it cost when every domain is clean? NOISY_DOMAIN's training labels are flipped with
 # FLIP_PROB; stage 3 (seed TEACHER_SEED) learns from them; stage 4 runs STUDY_VARIANTS for every
@@ -254,6 +283,7 @@ study() {
 
 case "${STEP}" in
   tune) tune ;;
+  tune_fewshot) tune_fewshot ;;
   table) table full ;;
   fewshot) table fewshot ;;
   all) table full; table fewshot ;;
