@@ -122,6 +122,7 @@ set_teacher() {
 set_student() {
   STUDENT=(--hidden_ratio "${HIDDEN_RATIO}" --pred_ratio "${PRED_RATIO}"
            --temperature "${TEMPERATURE}")
+  if [ -n "${TEACHER_CACHE}" ]; then STUDENT+=(--teacher_cache "${TEACHER_CACHE}"); fi
   if [ -n "${STUDENT_CONFIG}" ]; then STUDENT+=(--student_config "${STUDENT_CONFIG}"); fi
   if [ -n "${STUDENT_INIT}" ]; then STUDENT+=(--student_init "${STUDENT_INIT}"); fi
   if [ -n "${STUDENT_INIT_LAYERS:-}" ]; then
@@ -178,6 +179,7 @@ CACHE_DIR=${CACHE_DIR:-}             # tokenized-feature cache; empty: ~/.cache/
 DO_TEST=${DO_TEST:-1}                # 0: train and keep dev figures only (tuning runs)
 SKIP_FINISHED=${SKIP_FINISHED:-0}    # 1: leave finished runs alone, resume interrupted ones
 EXTRA_ARGS=${EXTRA_ARGS:-}           # e.g. "--overwrite", "--resume", "--no_progress"
+TEACHER_CACHE=${TEACHER_CACHE:-}     # stages 2 and 4: on | off (empty: the scripts' default, on)
 
 MAX_STEPS=${MAX_STEPS:-}              # full data: this many steps (empty: EPOCHS decide)
 FEWSHOT_STEPS=${FEWSHOT_STEPS:-}      # each few-shot ratio: this many steps (empty: EPOCHS,
