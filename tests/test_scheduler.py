@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def dry_run(step, tmp_path, **env):
     values = dict(os.environ, PYTHON="echo", OUT_ROOT=str(tmp_path / "runs"),
-                  SEEDS="42 43", AMAZON_DIR=str(tmp_path), **env)
+                  SEEDS="42 43", AMAZON_DIR=str(tmp_path))
+    values.update(env)
     result = subprocess.run(["bash", "reproduce_amazon.sh", step], cwd=ROOT, env=values,
                             capture_output=True, text=True, check=True)
     return result.stdout.splitlines()
