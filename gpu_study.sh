@@ -73,7 +73,7 @@ run() {
     date '+%F %T %Z'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2> /dev/null \
       || echo "no GPU (nvidia-smi absent)"
-    "${PY}" -c "import torch, runtime; print('torch', torch.__version__); print(runtime.describe_machine(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))"
+    "${PY}" -c "import tqdm, tokenizers, safetensors, numpy, torch, runtime; print('torch', torch.__version__); print(runtime.describe_machine(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))"
   } | tee "${out}/machine.txt"
   export OUT_ROOT=${work}/runs CACHE_DIR=${work}/cache AMAZON_DIR=${data}
   export SEEDS=${SEEDS:-42 43 44} PRESET=${PRESET:-real}
@@ -88,7 +88,7 @@ run() {
   local code=0
   "${PY}" scheduler.py "${plans[@]}" --split --jobs "${JOBS:-12}" --threads "${THREADS:-1}" \
     --python "${PY}" --log_dir "${out}/logs" --root "${OUT_ROOT}" --mirror "${out}/runs" \
-    --deadline_s "${DEADLINE_S:-500}" || code=$?
+    --deadline_s "${DEADLINE_S:-500}" --give_up_after 4 || code=$?
   echo "runs kept in ${out}/runs: $(find "${out}/runs" -name results.json 2> /dev/null | wc -l)"
   return "${code}"
 }

@@ -192,11 +192,12 @@ class Scheduler:
 
     def __init__(self, jobs: List[Job], workers: int, python: str, log_dir: str,
                  root: Optional[str] = None, mirror: Optional[str] = None,
-                 deadline_s: Optional[float] = None, threads: Optional[int] = None):
+                 deadline_s: Optional[float] = None, threads: Optional[int] = None,
+                 give_up_after: Optional[int] = None):
         self.jobs, self.workers, self.python = jobs, workers, python
         self.log_dir, self.root, self.mirror = log_dir, root, mirror
         self.deadline = None if deadline_s is None else time.time() + deadline_s
-        self.threads = threads
+        self.threads, self.give_up_after = threads, give_up_after
         self.state = ["waiting"] * len(jobs)    # waiting, running, done, failed, skipped, stopped
         self.procs: Dict[int, subprocess.Popen] = {}
         self.started: Dict[int, float] = {}
@@ -279,6 +280,13 @@ class Scheduler:
             self.finish(index, proc.returncode)
         self.procs.clear()
 
+    def broken(self) -> bool:
+        """The first give_up_after jobs to end all failed: the setup is wrong (a missing
+        package, a bad path), and running the rest would only spend the machine's time."""
+        if not self.give_up_after or "done" in self.state:
+            return False
+        return self.state.count("failed") >= self.give_up_after
+
     def run(self) -> int:
         os.makedirs(self.log_dir, exist_ok=True)
         self.say(f"{len(self.jobs)} jobs, {self.workers} at a time")
@@ -288,6 +296,11 @@ class Scheduler:
                 if code is not None:
                     del self.procs[index]
                     self.finish(index, code)
+            if self.broken():
+                self.say(f"giving up: the first {self.state.count('failed')} jobs to end "
+                         f"failed (see their logs in {self.log_dir})")
+                self.stop_all()
+                break
             if self.deadline is not None and time.time() >= self.deadline:
                 if self.procs:
                     self.say(f"deadline: stopping {len(self.procs)} running jobs")
@@ -322,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop everything this many seconds after the start")
     parser.add_argument("--threads", type=int, default=None,
                         help="OMP/MKL threads per process (default: torch's own choice)")
+    parser.add_argument("--give_up_after", type=int, default=None,
+                        help="stop everything when this many jobs failed before any finished")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the order and the dependencies, run nothing")
     return parser
@@ -357,7 +372,8 @@ def main(argv=None) -> int:
             print(f"{job.name}\tafter {deps}\tcost {job.cost:.0f}\tchain {job.chain:.0f}")
         return 0
     scheduler = Scheduler(jobs, args.jobs, args.python, args.log_dir, root=args.root,
-                          mirror=args.mirror, deadline_s=args.deadline_s, threads=args.threads)
+                          mirror=args.mirror, deadline_s=args.deadline_s, threads=args.threads,
+                          give_up_after=args.give_up_after)
     return scheduler.run()
 
 

@@ -160,6 +160,18 @@ def test_deadline_stops_running_jobs(tmp_path, stand_in):
     assert [row.split("\t")[5] for row in rows] == ["stopped"]
 
 
+def test_gives_up_when_the_first_jobs_all_fail(tmp_path, stand_in):
+    runs, logs = tmp_path / "runs", tmp_path / "logs"
+    plan = write_plan(tmp_path / "p.plan", runs, [
+        "train_domain.py --domain fail1 fail2 slow --output_dir R/t/{domain}/seed1"])
+    began = time.time()
+    code = scheduler.main([plan, "--split", "--jobs", "3", "--python", stand_in,
+                           "--log_dir", str(logs), "--give_up_after", "2"])
+    assert code == 1 and time.time() - began < 30
+    rows = (logs / "schedule.tsv").read_text().splitlines()[1:]
+    assert sorted(row.split("\t")[5] for row in rows) == ["failed", "failed", "stopped"]
+
+
 def test_earlier_plans_first(tmp_path, stand_in):
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     later = write_plan(tmp_path / "fewshot.plan", runs, [
