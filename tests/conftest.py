@@ -70,3 +70,14 @@ def tiny_teacher_args(sample, out, steps, *extra, batch_size=8, domain="books"):
             "--vocab_file", sample["vocab"], "--model_config", "tiny_teacher",
             "--max_seq_length", "32", "--batch_size", str(batch_size), "--max_steps", str(steps),
             "--no_progress", "--output_dir", str(out), *extra]
+
+
+def train_tiny_runs(sample, root):
+    """A finished 3-step tiny teacher of stage 1 (root/single) and of stage 3 (root/multi):
+    what the export, prediction and deployment tests read."""
+    import train_domain
+    import train_multi_domain
+    for main, name in ((train_domain.main, "single"), (train_multi_domain.main, "multi")):
+        assert main(tiny_teacher_args(sample, root / name, 3, "--learning_rate", "1e-3",
+                                      "--do_train")) == 0
+    return root

@@ -10,9 +10,7 @@ import transformers
 
 import export
 import predict
-import train_domain
-import train_multi_domain
-from conftest import tiny_teacher_args
+from conftest import train_tiny_runs
 from tokenization import WordPieceTokenizer
 from modeling import model_from_checkpoint
 
@@ -22,11 +20,7 @@ TEXTS = ["i love this sturdy blender , great !", "terrible flimsy knife . waste"
 
 @pytest.fixture(scope="module")
 def runs(sample, tmp_path_factory):
-    root = tmp_path_factory.mktemp("export_runs")
-    for main, name in ((train_domain.main, "single"), (train_multi_domain.main, "multi")):
-        assert main(tiny_teacher_args(sample, root / name, 3, "--learning_rate", "1e-3",
-                                      "--do_train")) == 0
-    return root
+    return train_tiny_runs(sample, tmp_path_factory.mktemp("export_runs"))
 
 
 def our_logits(checkpoint, vocab, head):
