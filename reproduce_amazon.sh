@@ -112,11 +112,16 @@ timed() {  # name, command...: run it and append its wall time to timings.tsv (n
   fi
 }
 
-best_dev() {  # run directories...: the one with the best mean dev accuracy
+best_dev() {  # run directories...: the finished one with the best mean dev accuracy
   if [ "${DRY_RUN}" = 1 ]; then echo "$1"; return; fi
   "${PYTHON}" - "$@" <<'PY'
 import json, sys
-scores = {run: json.load(open(f"{run}/results.json"))["dev"]["best_mean"] for run in sys.argv[1:]}
+results = {run: json.load(open(f"{run}/results.json")) for run in sys.argv[1:]}
+for run in [run for run, r in results.items() if not r.get("finished")]:
+    print(f"  left out (not finished): {run}", file=sys.stderr)
+scores = {run: r["dev"]["best_mean"] for run, r in results.items() if r.get("finished")}
+if not scores:
+    sys.exit("error: no finished run among " + " ".join(sys.argv[1:]))
 for run, score in scores.items():
     print(f"  dev {100 * score:.2f}  {run}", file=sys.stderr)
 print(max(scores, key=scores.get))
