@@ -253,3 +253,39 @@ def test_plan_does_not_time_a_students_model_at_a_teachers_pace(tmp_path):
              f"--output_dir {tmp_path}/labels_only_domain/amazon/{{domain}}/seed42"]
     _, seconds, unknown = plan.summarise(plan.parse_commands(lines), str(tmp_path))
     assert seconds == 0 and unknown == 1
+
+
+# The few-shot length, chosen on dev ----------------------------------------------------------
+def test_tune_fewshot_dry_run_sweeps_steps_on_books_at_the_smallest_ratio(tmp_path):
+    out = tmp_path / "runs"
+    env = dict(os.environ, OUT_ROOT=str(out), PYTHON="echo", TUNE_FEWSHOT_STEPS="30 100")
+    result = subprocess.run(["bash", "reproduce_amazon.sh", "tune_fewshot"], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    commands = [line.split() for line in result.stdout.splitlines()
+                if line.startswith(("train_domain.py", "finetune_domain.py"))]
+    assert [(c[0], c[c.index("--max_steps") + 1]) for c in commands] == [
+        ("train_domain.py", "30"), ("train_domain.py", "100"),
+        ("finetune_domain.py", "30"), ("finetune_domain.py", "100")]
+    for command in commands:
+        at = command.index("--domain")
+        assert command[at + 1] == "books" and command[at + 2].startswith("--")  # books alone
+        assert command[command.index("--train_ratio") + 1] == "0.018"  # 2% of the reviews
+        assert "--do_test" not in command  # dev only
+        assert "/tune_fewshot/" in command[command.index("--output_dir") + 1]
+    # each student distils the teacher linked into its own root
+    student = commands[2]
+    assert student[student.index("--teacher_dir") + 1].startswith(
+        str(out / "tune_fewshot" / "student_steps30" / "fewshot" / "p2" / "train_domain"))
+    assert not out.exists()
+
+
+def test_real_preset_trains_every_fewshot_run_the_chosen_steps(tmp_path):
+    env = dict(os.environ, OUT_ROOT=str(tmp_path / "runs"), PYTHON="echo", SEEDS="42",
+               FEWSHOT_PERCENTS="2 20")
+    env.pop("FEWSHOT_STEPS", None)
+    result = subprocess.run(["bash", "reproduce_amazon.sh", "fewshot"], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    stages = [line.split() for line in result.stdout.splitlines() if "--max_steps" in line]
+    assert len(stages) == 2 * 4 and all(c[c.index("--max_steps") + 1] == "30" for c in stages)
