@@ -46,6 +46,8 @@ usage: bash reproduce_amazon.sh STEP   (the real Amazon reviews, PRESET=real; RE
 Measured on the 2-core development machine in the old CPU configuration (T = 64, one seed,
 3 student epochs, before the rows above were added; RESULTS.md):
   tune      about 20 minutes (3 teacher and 4 student runs)
+  tune_fewshot  about 52 minutes at T = 128 (2 teacher, 2 student runs; sharing the CPU with a
+            table's run)
   table     79 minutes (stage 1 748 s, stage 3 714 s, stage 2 759 s, stage 4 2519 s)
   fewshot   about 11 minutes for one ratio (10%)
   study     about 2 hours (stage 3 plus 8 stage-4 runs, the meta ones 2.7x slower)
