@@ -280,6 +280,10 @@ class Scheduler:
             self.finish(index, proc.returncode)
         self.procs.clear()
 
+    def counts(self) -> str:
+        """e.g. '12 done, 3 running, 20 waiting'."""
+        return ", ".join(f"{self.state.count(s)} {s}" for s in sorted(set(self.state)))
+
     def broken(self) -> bool:
         """The first give_up_after jobs to end all failed: the setup is wrong (a missing
         package, a bad path), and running the rest would only spend the machine's time."""
@@ -290,7 +294,11 @@ class Scheduler:
     def run(self) -> int:
         os.makedirs(self.log_dir, exist_ok=True)
         self.say(f"{len(self.jobs)} jobs, {self.workers} at a time")
+        last_report = time.time()
         while True:
+            if time.time() - last_report >= 60:  # where the run stands, once a minute
+                last_report = time.time()
+                self.say("so far: " + self.counts())
             for index, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is not None:
@@ -314,8 +322,7 @@ class Scheduler:
         left = [i for i, s in enumerate(self.state) if s == "waiting"]
         for index in left:
             self.state[index] = "stopped"
-        counts = {s: self.state.count(s) for s in sorted(set(self.state))}
-        self.say("end: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        self.say("end: " + self.counts())
         return 0 if all(s == "done" for s in self.state) else 1
 
 
