@@ -7,7 +7,7 @@
 # GPU's teacher forward is cheap, and three seeds' targets at T = 128 would fill its disk).
 #
 #   bash gpu_study.sh pack       # here: gpu_pack/ (ignored by git), what the machine lacks:
-#                                # all-MiniLM-L6-v2 in fp16 (45 MB) and the reviews (xz, 2.5 MB)
+#                                # all-MiniLM-L6-v2 in fp16 (44 MiB) and the reviews (xz, 2.5 MiB)
 #   bash gpu_study.sh run        # there (device tool, carry ["gpu_pack"]): unpack, run, $OUT
 #   bash gpu_study.sh rehearse   # here: the same run in miniature on the CPU (one seed, one
 #                                # ratio, T = 32, 2 steps a run), to check the call end to end

@@ -50,8 +50,8 @@ class Section:
     runs: List[PlannedRun] = field(default_factory=list)
 
 
-def _flag(words: List[str], name: str) -> List[str]:
-    """The values after ``name`` up to the next flag."""
+def flag_values(words: List[str], name: str) -> List[str]:
+    """The values after ``name`` up to the next flag (a dry run's command, split)."""
     if name not in words:
         return []
     values = []
@@ -60,6 +60,20 @@ def _flag(words: List[str], name: str) -> List[str]:
             break
         values.append(word)
     return values
+
+
+# The placeholders a stage fills in per run (stages.runs_per_domain / runs_per_variant).
+TEMPLATE_FLAGS = (("{domain}", "--domain"), ("{variant}", "--variant"))
+
+
+def expand_runs(words: List[str], template: str) -> List[str]:
+    """The run folders a path with {domain} / {variant} names for the command's --domain and
+    --variant values."""
+    paths = [template]
+    for key, flag in TEMPLATE_FLAGS:
+        if key in template:
+            paths = [p.replace(key, name) for p in paths for name in flag_values(words, flag)]
+    return paths
 
 
 def parse_commands(lines) -> List[Section]:
@@ -76,20 +90,15 @@ def parse_commands(lines) -> List[Section]:
             continue
         script = next((os.path.basename(w) for w in words
                        if os.path.basename(w) in STAGE_SCRIPTS), None)
-        if script is None or not _flag(words, "--output_dir"):
+        if script is None or not flag_values(words, "--output_dir"):
             continue
-        template = _flag(words, "--output_dir")[0]
-        paths = [template]
-        if "{domain}" in template:
-            paths = [template.replace("{domain}", d) for d in _flag(words, "--domain")]
-        if "{variant}" in template:
-            paths = [template.replace("{variant}", v) for v in _flag(words, "--variant")]
-        number = lambda name, default: float((_flag(words, name) or [default])[0])  # noqa: E731
+        paths = expand_runs(words, flag_values(words, "--output_dir")[0])
+        number = lambda name, default: float((flag_values(words, name) or [default])[0])  # noqa: E731
         for path in paths:
             sections[-1].runs.append(PlannedRun(
                 script, path, int(number("--max_seq_length", 128)),
                 number("--train_ratio", 0.9), number("--num_train_epochs", 1),
-                int(number("--max_steps", 0)), len(_flag(words, "--init_layers"))))
+                int(number("--max_steps", 0)), len(flag_values(words, "--init_layers"))))
     return [s for s in sections if s.runs]
 
 

@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-STAGE_SCRIPTS = ("train_domain.py", "finetune_domain.py", "train_multi_domain.py",
-                 "finetune_multi_domain.py")
+from plan import STAGE_SCRIPTS, TEMPLATE_FLAGS, expand_runs, flag_values
+
 
 # Relative cost of one optimisation step of each stage at the same batch per domain (a teacher
 # step is 1): only the order of the estimates matters (which chain to start first).
@@ -62,15 +62,7 @@ class Job:
 
     def values(self, flag: str) -> List[str]:
         """The words after ``flag`` up to the next flag."""
-        if flag not in self.argv:
-            return []
-        start = self.argv.index(flag) + 1
-        words = []
-        for word in self.argv[start:]:
-            if word.startswith("--"):
-                break
-            words.append(word)
-        return words
+        return flag_values(self.argv, flag)
 
     def value(self, flag: str) -> Optional[str]:
         words = self.values(flag)
@@ -88,12 +80,7 @@ class Job:
         """The run folders a templated path names for this job's domains and variants."""
         if path is None:
             return []
-        paths = [path]
-        for flag, key in (("--domain", "{domain}"), ("--variant", "{variant}")):
-            names = self.values(flag)
-            if key in path and names:
-                paths = [p.replace(key, name) for p in paths for name in names]
-        return [os.path.normpath(p) for p in paths]
+        return [os.path.normpath(p) for p in expand_runs(self.argv, path)]
 
     def outputs(self) -> List[str]:
         return self.expand(self.value("--output_dir"))
@@ -116,7 +103,7 @@ def split_job(job: Job) -> List[Job]:
     """One job per domain and per variant where the command lists several (with their
     placeholders in the paths, which the stages require)."""
     parts = [job]
-    for flag, key in (("--domain", "{domain}"), ("--variant", "{variant}")):
+    for key, flag in TEMPLATE_FLAGS:
         result = []
         for part in parts:
             names = part.values(flag)

@@ -79,16 +79,10 @@ STAND_IN = textwrap.dedent("""\
     #!{python}
     # Stands in for the interpreter: "runs" a stage by writing what a finished run writes.
     import json, os, sys, time
+    sys.path.insert(0, {root!r})
+    from plan import flag_values
     args = sys.argv[2:]
-    def values(flag):
-        if flag not in args:
-            return []
-        out = []
-        for word in args[args.index(flag) + 1:]:
-            if word.startswith("--"):
-                break
-            out.append(word)
-        return out
+    values = lambda flag: flag_values(args, flag)  # noqa: E731
     domains = values("--domain") or [None]
     for domain in domains:
         out = values("--output_dir")[0].replace("{{domain}}", domain or "")
@@ -112,7 +106,7 @@ STAND_IN = textwrap.dedent("""\
 @pytest.fixture
 def stand_in(tmp_path, monkeypatch):
     path = tmp_path / "python"
-    path.write_text(STAND_IN.format(python=sys.executable))
+    path.write_text(STAND_IN.format(python=sys.executable, root=ROOT))
     path.chmod(0o755)
     monkeypatch.setenv("STAND_IN_LOG", str(tmp_path / "started.log"))
     return str(path)
