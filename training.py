@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import random
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -366,7 +367,7 @@ def _optimisation_step(config: LoopConfig, loss, optimizer, scheduler, scaler, p
             raise RuntimeError(f"{state.nonfinite_run} consecutive non-finite losses at step "
                                f"{state.global_step + 1}; stopping (the last good checkpoint "
                                f"is kept)")
-        scheduler.step()
+        _advance_schedule(scheduler)
         return
     state.nonfinite_run = 0
     scaler.scale(loss).backward()
@@ -375,8 +376,18 @@ def _optimisation_step(config: LoopConfig, loss, optimizer, scheduler, scaler, p
     torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
     scaler.update()
-    scheduler.step()
+    _advance_schedule(scheduler)
     optimizer.zero_grad(set_to_none=True)
+
+
+def _advance_schedule(scheduler):
+    """One step of the learning-rate schedule, also after a skipped update (a non-finite loss,
+    an fp16 overflow): the rate follows the step counter, so a resumed run lands on the same
+    rate. torch warns about a schedule step without an optimizer step; here that is meant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step",
+                                category=UserWarning)
+        scheduler.step()
 
 
 def _average_extra_gradients(dist: Distributed, extra_modules: Dict[str, nn.Module]):
