@@ -4,12 +4,14 @@ Reads the commands of a dry run (``PYTHON=echo``: one stage command per line, an
 ``== <stage>`` lines that ``timed`` prints) on stdin; expands each command's run directories
 (``{domain}`` over --domain, ``{variant}`` over --variant); asks each run its state
 (utils.run_status); estimates the time of what is left from the finished runs under --runs
-(seconds per step of the same script at the same sequence length, from config.json's
-"started" to results.json's last write, the finished marker; runs that were resumed are not
-used). Prints one
-line per stage and a total. Torch-free.
+(seconds per step of the same script at the same sequence length: timing.json's wall
+seconds, else config.json's "started" to results.json's last write, the finished marker; runs
+that were resumed are not used), or, where none alike finished there, from the committed runs
+under --pace that ran on --machine. Prints one line per stage and a total. Torch-free.
 
-    PYTHON=echo bash reproduce_amazon.sh table | python plan.py --runs runs/amazon_real
+    PYTHON=echo bash reproduce_amazon.sh table | python plan.py --runs runs/amazon_real \
+        --pace results --machine "$(python -c 'import torch, runtime;
+        print(runtime.describe_machine(torch.device("cpu")))')"
 (``bash reproduce_amazon.sh left`` does this for the table and the few-shot study.)
 """
 from __future__ import annotations
@@ -102,9 +104,15 @@ def parse_commands(lines) -> List[Section]:
     return [s for s in sections if s.runs]
 
 
-def _wall_seconds(run_dir: str) -> Optional[float]:
-    """From config.json's start to the finished marker: results.json's modification time (the
-    marker is written last)."""
+def _wall_seconds(run_dir: str, trust_mtime: bool = True) -> Optional[float]:
+    """timing.json's seconds (written by the training process as it finished), else, with
+    ``trust_mtime`` (the runs' own folder, not a copy or a clone), from config.json's start to
+    the finished marker: results.json's modification time (the marker is written last)."""
+    timing = read_json(os.path.join(run_dir, RunDir.TIMING), None)
+    if isinstance(timing, dict) and timing.get("seconds"):
+        return None if timing.get("resumed") else float(timing["seconds"])
+    if not trust_mtime:
+        return None
     config = read_json(os.path.join(run_dir, RunDir.CONFIG), {}) or {}
     results = os.path.join(run_dir, RunDir.RESULTS)
     finished = (read_json(results, {}) or {}).get("finished") or {}
@@ -129,13 +137,17 @@ class Measured:
     blocks: int = 0
 
 
-def measured_runs(root: str) -> List[Measured]:
+def measured_runs(root: str, machine: Optional[str] = None) -> List[Measured]:
+    """The finished runs under ``root`` with a known wall time. With ``machine`` (config.json's
+    description), ``root`` holds copies (results/): only runs of that machine, with timing.json."""
     found = []
     for path in glob.glob(os.path.join(root, "**", RunDir.RESULTS), recursive=True):
         run_dir = os.path.dirname(path)
         config = read_json(os.path.join(run_dir, RunDir.CONFIG), {}) or {}
+        if machine is not None and config.get("machine") != machine:
+            continue
         finished = (read_json(path, {}) or {}).get("finished") or {}
-        seconds = _wall_seconds(run_dir)
+        seconds = _wall_seconds(run_dir, trust_mtime=machine is None)
         command = config.get("command") or [""]
         args = config.get("args", {})
         if seconds is None or not finished.get("train_steps"):
@@ -175,10 +187,14 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def summarise(sections: List[Section], root: str) -> Tuple[str, float, int]:
-    """The printed plan, the estimated seconds left, and the runs left without an estimate."""
+def summarise(sections: List[Section], root: str, pace: Tuple[str, ...] = (),
+              machine: Optional[str] = None) -> Tuple[str, float, int]:
+    """The printed plan, the estimated seconds left, and the runs left without an estimate.
+    A run with nothing alike finished under ``root`` takes the pace of the runs under the
+    ``pace`` roots that ran on ``machine`` (e.g. the committed results/ on a fresh clone)."""
     measured = measured_runs(root)
-    lines, total, unknown = [], 0.0, 0
+    committed = [m for folder in pace if machine for m in measured_runs(folder, machine)]
+    lines, total, unknown, from_committed = [], 0.0, 0, 0
     for section in sections:
         left = []
         for run in section.runs:
@@ -187,7 +203,12 @@ def summarise(sections: List[Section], root: str) -> Tuple[str, float, int]:
                                                     status.get("total_steps"))
             if run.state != "finished":
                 left.append(run)
-        seconds = [estimate(run, measured) for run in left]
+        seconds = []
+        for run in left:
+            seconds.append(estimate(run, measured))
+            if seconds[-1] is None and committed:
+                seconds[-1] = estimate(run, committed)
+                from_committed += seconds[-1] is not None
         known = sum(s for s in seconds if s is not None)
         missing = sum(s is None for s in seconds)
         total, unknown = total + known, unknown + missing
@@ -211,14 +232,23 @@ def summarise(sections: List[Section], root: str) -> Tuple[str, float, int]:
     if unknown:
         footer += f" ({unknown} of them without an estimate)"
     lines.append(footer)
+    if from_committed:
+        lines.append(f"({plural(from_committed, 'run')} estimated from the pace of runs under "
+                     f"{', '.join(pace)} that ran on this kind of machine: {machine})")
     return "\n".join(lines), total, unknown
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="what a reproduce step still has to run")
     parser.add_argument("--runs", required=True, help="the runs root of the step (OUT_ROOT)")
+    parser.add_argument("--pace", action="append", default=[],
+                        help="more roots of finished runs (e.g. results/) whose pace estimates "
+                             "runs with nothing alike under --runs; repeatable")
+    parser.add_argument("--machine", default=None,
+                        help="this machine as config.json describes it "
+                             "(runtime.describe_machine()); --pace runs of others are not used")
     args = parser.parse_args(argv)
-    text, _, _ = summarise(parse_commands(sys.stdin), args.runs)
+    text, _, _ = summarise(parse_commands(sys.stdin), args.runs, tuple(args.pace), args.machine)
     print(text)
     return 0
 

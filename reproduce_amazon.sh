@@ -187,13 +187,18 @@ deploy() {
 }
 
 # What the table and the few-shot study (or one of them: full | fewshot) still have to run,
-# from a dry run of their commands (plan.py: each run's state, estimated time left).
+# from a dry run of their commands (plan.py: each run's state, estimated time left). Runs with
+# nothing alike finished under OUT_ROOT take the pace of the committed runs under PACE_FROM
+# (default results/) that ran on this kind of machine, so a fresh clone gets estimates too.
 left() {
-  local modes=${1:-"full fewshot"} mode step
+  local modes=${1:-"full fewshot"} mode step machine
+  machine=$("${PYTHON}" -c "import torch, runtime; print(runtime.describe_machine(torch.device('cuda' if torch.cuda.is_available() and '${NUM_GPU:-}' != '0' else 'cpu')))" 2> /dev/null || true)
   for mode in ${modes}; do
     step=table; [ "${mode}" = fewshot ] && step=fewshot
     echo "-- ${step}: what is left under ${OUT_ROOT}"
-    PYTHON=echo bash "$0" "${step}" 2> /dev/null | "${PYTHON}" plan.py --runs "${OUT_ROOT}"
+    PYTHON=echo bash "$0" "${step}" 2> /dev/null \
+      | "${PYTHON}" plan.py --runs "${OUT_ROOT}" --pace "${PACE_FROM:-results}" \
+          ${machine:+--machine "${machine}"}
   done
 }
 

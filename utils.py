@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Callable, List, Optional
 
 logger = logging.getLogger("hrkd")
@@ -376,12 +377,15 @@ class RunDir:
     """Paths of one run and the files every stage writes there (rank 0 only writes)."""
 
     CONFIG, RESULTS, LAST = "config.json", "results.json", "last_checkpoint.pt"
+    TIMING = "timing.json"  # how long the training process took (PROVENANCE_FILES)
 
     def __init__(self, path: str, is_main: bool = True):
         self.path = path
         self.is_main = is_main
         self.created = False  # by this process (so a run stopped before starting leaves nothing)
         self.lock: Optional[RunLock] = None
+        self.training_since: Optional[float] = None  # time.monotonic() at write_config
+        self.resumed = False
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -432,6 +436,7 @@ class RunDir:
                   "started": datetime.datetime.now().isoformat(timespec="seconds")}
         name = "config_resumed.json" if args.resume else self.CONFIG
         atomic_write_json(self.file(name), config)
+        self.training_since, self.resumed = time.monotonic(), bool(args.resume)
 
     def discard_if_unstarted(self):
         """A run this process created that stopped before its first resume state leaves
@@ -464,9 +469,19 @@ class RunDir:
 
     def mark_finished(self, train_steps: Optional[int], tested: bool):
         """The completion marker: results.json's ``finished`` entry, written last, atomically
-        (what SKIP_FINISHED, --skip_finished, report.py and the study scripts trust)."""
-        # No timestamp: a run's results.json is the same however often it is rerun (plan.py
-        # takes the finishing time from the file's modification time).
+        (what SKIP_FINISHED, --skip_finished, report.py and the study scripts trust). A run this
+        process trained also gets timing.json first: its start, end and wall seconds."""
+        # No timestamp in results.json: it is the same however often a run is rerun. The wall
+        # time goes beside it, in a file of its own that survives a git clone (a file's
+        # modification time does not), for plan.py's estimates and RESULTS.md's wall times.
+        if self.is_main and self.training_since is not None:
+            config = read_json(self.file(self.CONFIG), {}) or {}
+            atomic_write_json(self.file(self.TIMING), {
+                "started": config.get("started"),
+                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                "seconds": round(time.monotonic() - self.training_since, 1),
+                "resumed": self.resumed, "train_steps": train_steps,
+                "machine": config.get("machine")})
         self.update_results(finished={"train_steps": train_steps, "tested": bool(tested)})
 
     def status(self, need_test: bool = False) -> dict:
@@ -517,7 +532,8 @@ def main_guard(run: Callable[[], None]) -> int:
 
 # The small files of a finished run that are kept in the repository (results/): enough for
 # report.py to remake every table and plot without the weights.
-PROVENANCE_FILES = ("results.json", "config.json", "domain_weights.jsonl", "deployment.json")
+PROVENANCE_FILES = ("results.json", "config.json", "timing.json", "domain_weights.jsonl",
+                    "deployment.json")
 
 
 def collect_finished(root: str, dest: str) -> List[str]:

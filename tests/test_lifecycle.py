@@ -508,5 +508,5 @@ def test_collect_copies_only_finished_runs(sample, tmp_path):
     assert utils.collect_finished(str(runs), str(tmp_path / "kept")) == [
         "train_domain/amazon/books/seed42"]
     kept = tmp_path / "kept" / "train_domain" / "amazon" / "books" / "seed42"
-    assert sorted(os.listdir(kept)) == ["config.json", "results.json"]
+    assert sorted(os.listdir(kept)) == ["config.json", "results.json", "timing.json"]
     assert report.collect(str(tmp_path / "kept"), "amazon")["Single-domain teacher"]["books"]

@@ -185,6 +185,56 @@ def test_plan_counts_what_is_left_and_estimates_it(tmp_path):
     assert "stage 4: students: 0 of 2 runs finished, 2 left (2 without an estimate" in text
 
 
+
+def _committed_run(folder, machine, seconds, steps=60):
+    """A finished stage-1 run as results/ holds it: no weights, its wall time in timing.json
+    (the files' modification times are a clone's)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "command": ["train_domain.py"], "started": "2026-12-01T10:00:00", "machine": machine,
+        "args": {"max_seq_length": 32, "train_ratio": 0.9, "num_train_epochs": 2}}))
+    (folder / "results.json").write_text(json.dumps({"finished": {"train_steps": steps,
+                                                                  "tested": True}}))
+    (folder / "timing.json").write_text(json.dumps({"seconds": seconds, "resumed": False,
+                                                    "train_steps": steps, "machine": machine}))
+
+
+def test_plan_takes_the_pace_of_committed_runs_of_this_machine(tmp_path):
+    committed = tmp_path / "results"
+    _committed_run(committed / "cpu/train_domain/amazon/books/seed42", "this CPU", 120)  # 2 s
+    _committed_run(committed / "gpu/train_domain/amazon/books/seed42", "a GPU", 6)  # other
+    lines = [f"train_domain.py --domain dvd --max_seq_length 32 --train_ratio 0.9 "
+             f"--num_train_epochs 2 --output_dir {tmp_path}/runs/train_domain/amazon/"
+             f"{{domain}}/seed42"]
+    runs = str(tmp_path / "runs")
+    _, seconds, unknown = plan.summarise(plan.parse_commands(lines), runs)
+    assert (seconds, unknown) == (0, 1)  # nothing here, and no committed pace asked for
+    text, seconds, unknown = plan.summarise(plan.parse_commands(lines), runs, (str(committed),),
+                                            "this CPU")
+    assert (seconds, unknown) == (pytest.approx(120), 0)  # 60 steps at the CPU's 2 s a step
+    assert "1 run estimated from the pace of runs under" in text and "this CPU" in text
+    # a copy without timing.json: its files' modification times are the clone's, not a pace
+    timing = committed / "cpu/train_domain/amazon/books/seed42/timing.json"
+    timing.unlink()
+    assert plan.summarise(plan.parse_commands(lines), runs, (str(committed),),
+                          "this CPU")[2] == 1
+    # a resumed run's wall time includes its downtime: not a pace
+    timing.write_text(json.dumps({"seconds": 120, "resumed": True}))
+    assert plan.summarise(plan.parse_commands(lines), runs, (str(committed),),
+                          "this CPU")[2] == 1
+
+
+def test_finished_runs_record_their_wall_time_and_collect_keeps_it(tmp_path, pooled_teacher):
+    import utils
+    timing = json.load(open(pooled_teacher / "timing.json"))
+    config = json.load(open(pooled_teacher / "config.json"))
+    assert timing["seconds"] > 0 and timing["resumed"] is False
+    assert timing["started"] == config["started"] and timing["machine"] == config["machine"]
+    assert timing["train_steps"] == json.load(open(pooled_teacher / "results.json"))[
+        "finished"]["train_steps"]
+    utils.collect_finished(str(pooled_teacher.parent), str(tmp_path / "kept"))
+    assert (tmp_path / "kept" / pooled_teacher.name / "timing.json").is_file()
+
 def test_reproduce_left_prints_the_plan_and_creates_nothing(tmp_path):
     out = tmp_path / "runs"
     result = subprocess.run(["bash", "reproduce_amazon.sh", "left"], capture_output=True,
