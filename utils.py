@@ -563,7 +563,7 @@ def main(argv=None) -> int:
     """``python utils.py finished RUN_DIR [--tested]``: exit 0 when the run finished (the
     launchers' SKIP_FINISHED asks this, without importing torch); ``status RUN_DIR...``
     prints each run's state; ``collect ROOT DEST`` copies every finished run's small files
-    (results.json, config.json, domain_weights.jsonl) into DEST, e.g. results/."""
+    (PROVENANCE_FILES: results.json, config.json, timing.json, ...) into DEST, e.g. results/."""
     parser = argparse.ArgumentParser(description="run-directory status")
     parser.add_argument("command", choices=["finished", "status", "collect"])
     parser.add_argument("runs", nargs="+")
