@@ -177,8 +177,9 @@ def estimate(run: PlannedRun, measured: List[Measured]) -> Optional[float]:
         total = run.max_steps
     else:
         reference = min(same, key=lambda m: (m.max_steps > 0, abs(m.train_ratio - run.train_ratio)))
-        total = math.ceil(reference.steps / reference.epochs * run.epochs
-                          * run.train_ratio / reference.train_ratio)
+        # rounded first: 153 / 3 * 3 * 0.9 / 0.9 is 153.00000000000003, not a 154th step
+        total = math.ceil(round(reference.steps / reference.epochs * run.epochs
+                                * run.train_ratio / reference.train_ratio, 6))
     return per_step * max(total - (run.step or 0), 1)
 
 

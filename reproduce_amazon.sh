@@ -192,7 +192,7 @@ deploy() {
 # (default results/) that ran on this kind of machine, so a fresh clone gets estimates too.
 left() {
   local modes=${1:-"full fewshot"} mode step machine
-  machine=$("${PYTHON}" -c "import torch, runtime; print(runtime.describe_machine(torch.device('cuda' if torch.cuda.is_available() and '${NUM_GPU:-}' != '0' else 'cpu')))" 2> /dev/null || true)
+  machine=$("${PYTHON}" -c "import torch, runtime; print(runtime.describe_machine(torch.device('cuda' if torch.cuda.is_available() else 'cpu')))" 2> /dev/null || true)
   for mode in ${modes}; do
     step=table; [ "${mode}" = fewshot ] && step=fewshot
     echo "-- ${step}: what is left under ${OUT_ROOT}"

@@ -251,6 +251,29 @@ def test_reproduce_left_prints_the_plan_and_creates_nothing(tmp_path):
     assert not out.exists()
 
 
+
+def test_reproduce_left_on_a_fresh_clone_goes_by_the_committed_runs_of_this_machine(tmp_path):
+    import runtime
+    machine = runtime.describe_machine(torch.device("cpu"))
+    pace = tmp_path / "results"
+    for seed in (42, 43):  # the table's stage-1 teachers ran here: 2 s a step
+        run = pace / f"train_domain/amazon/books/seed{seed}"
+        _committed_run(run, machine, 306, steps=153)
+        config = json.loads((run / "config.json").read_text())
+        config["args"].update(max_seq_length=128, num_train_epochs=3)
+        (run / "config.json").write_text(json.dumps(config))
+    result = subprocess.run(["bash", "reproduce_amazon.sh", "left"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300, env=dict(
+                                os.environ, OUT_ROOT=str(tmp_path / "runs"), SEEDS="42",
+                                PACE_FROM=str(pace)))
+    assert result.returncode == 0, result.stderr
+    # 4 teachers x 153 steps x 2 s
+    assert "stage 1: single-domain teachers: 0 of 4 runs finished, 4 left, about 20 min" \
+        in result.stdout
+    assert f"estimated from the pace of runs under {pace} that ran on this kind of machine: " \
+           f"{machine}" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
 def test_report_says_on_which_hardware_each_row_ran(tmp_path):
     for seed, machine in ((42, "NVIDIA H200 (GPU); torch 2.11"), (43, "AMD EPYC, 2 cores")):
         run = tmp_path / f"finetune_multi_domain/amazon/hrkd/seed{seed}"
