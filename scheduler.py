@@ -8,7 +8,10 @@ variant (stage 4): the same runs, since every run seeds itself. A command starts
 its ``--teacher_dir`` names have been made by the commands before it (or already exist). Among
 the commands that may start, those of an earlier plan file come first, then those with the
 longest estimated chain of work behind them (stage 3 before the stage-1 teachers: stage 4's
-students wait on it).
+students wait on it). With ``--order students``, the commands that distil from a teacher that is
+there go before any other of their plan: on a machine that may be gone before the study ends
+(a CPU over many sessions), few teachers wait for their students at any time, so a lost
+machine loses little more than the runs in progress, their weights with them.
 
 Reads:  plan files (the dry run's output: lines naming a stage script, the rest ignored).
 Writes: LOG_DIR/<job>.log per command and LOG_DIR/schedule.tsv (start, end, wall time and exit
@@ -180,8 +183,9 @@ class Scheduler:
     def __init__(self, jobs: List[Job], workers: int, python: str, log_dir: str,
                  root: Optional[str] = None, mirror: Optional[str] = None,
                  deadline_s: Optional[float] = None, threads: Optional[int] = None,
-                 give_up_after: Optional[int] = None):
+                 give_up_after: Optional[int] = None, order: str = "chain"):
         self.jobs, self.workers, self.python = jobs, workers, python
+        self.order = order
         self.log_dir, self.root, self.mirror = log_dir, root, mirror
         self.deadline = None if deadline_s is None else time.time() + deadline_s
         self.threads, self.give_up_after = threads, give_up_after
@@ -207,7 +211,14 @@ class Scheduler:
                 continue
             if all(s == "done" for s in dep_states):
                 out.append(index)
-        return sorted(out, key=lambda i: (self.jobs[i].plan, -self.jobs[i].chain, i))
+        return sorted(out, key=self.priority)
+
+    def priority(self, index: int):
+        """Sort key of a ready job: its plan, then (--order students) whether it reads a
+        teacher, then the longest chain."""
+        job = self.jobs[index]
+        student_first = 0 if self.order == "students" and job.inputs() else 1
+        return (job.plan, student_first, -job.chain, index)
 
     def start(self, index: int):
         job = self.jobs[index]
@@ -331,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="OMP/MKL threads per process (default: torch's own choice)")
     parser.add_argument("--give_up_after", type=int, default=None,
                         help="stop everything when this many jobs failed before any finished")
+    parser.add_argument("--order", choices=("chain", "students"), default="chain",
+                        help="among the ready commands of a plan: the longest chain of work "
+                             "first (the shortest study on many workers), or the students of "
+                             "finished teachers first (the least work lost with the machine)")
     parser.add_argument("--dry_run", action="store_true",
                         help="print the order and the dependencies, run nothing")
     return parser
@@ -367,7 +382,7 @@ def main(argv=None) -> int:
         return 0
     scheduler = Scheduler(jobs, args.jobs, args.python, args.log_dir, root=args.root,
                           mirror=args.mirror, deadline_s=args.deadline_s, threads=args.threads,
-                          give_up_after=args.give_up_after)
+                          give_up_after=args.give_up_after, order=args.order)
     return scheduler.run()
 
 

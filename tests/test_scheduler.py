@@ -178,6 +178,22 @@ def test_earlier_plans_first(tmp_path, stand_in):
     assert order == [f"{runs}/t/a/seed1", f"{runs}/few/m/seed1"]
 
 
+
+@pytest.mark.parametrize("order, expected", [
+    ("chain", ["t/a", "t/b", "s/a", "s/b"]),      # both teachers first: the longer chains
+    ("students", ["t/a", "s/a", "t/b", "s/b"]),   # a teacher's student before the next teacher
+])
+def test_order_of_ready_jobs(tmp_path, stand_in, order, expected):
+    runs, logs = tmp_path / "runs", tmp_path / "logs"
+    plan = write_plan(tmp_path / "table.plan", runs, [
+        "train_domain.py --domain a b --output_dir R/t/{domain}/seed1",
+        "finetune_domain.py --domain a b --teacher_dir R/t/{domain}/seed1 "
+        "--output_dir R/s/{domain}/seed1"])
+    assert scheduler.main([plan, "--split", "--jobs", "1", "--python", stand_in,
+                           "--log_dir", str(logs), "--order", order]) == 0
+    started = [line.split()[1] for line in (tmp_path / "started.log").read_text().splitlines()]
+    assert [os.path.relpath(path, runs).rsplit("/", 1)[0] for path in started] == expected
+
 @pytest.mark.parametrize("argv, message", [
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--mirror", "m"], "--mirror needs --root"),
