@@ -277,16 +277,42 @@ def fewshot_results(root: str, task: str) -> Dict[float, Dict[str, List[float]]]
     return results
 
 
+CHANCE = 50.0  # both tasks' test sets are balanced between their two labels
+
+
+def at_chance(values: List[float], sizes: Dict[str, int]) -> bool:
+    """A cell whose mean lies within two binomial standard errors (of the domain average, at
+    that accuracy) of chance: a constant guess would score as well."""
+    se = binomial_se({d: float(np.mean(values)) for d in sizes}, sizes)
+    return se is not None and float(np.mean(values)) - CHANCE < 2 * se
+
+
 def fewshot_table(root: str, task: str):
-    """Rows: training-data ratios; columns: methods (average test accuracy over domains)."""
+    """Rows: training-data ratios; columns: methods (average test accuracy over domains); the
+    footer gives the test sets' binomial error and marks the cells at chance."""
     results = fewshot_results(root, task)
     if not results:
         return None
+    sizes = test_set_sizes(os.path.join(root, "fewshot"), task)
     methods = [label for label, _, _ in METHODS if any(label in r for r in results.values())]
     header = ["Training data"] + methods
-    rows = [[f"{percent:g}%"] + [format_cell(by_method.get(m, [])) for m in methods]
-            for percent, by_method in results.items()]
-    return header, rows
+    rows, chance = [], 0
+    for percent, by_method in results.items():
+        row = [f"{percent:g}%"]
+        for method in methods:
+            values = by_method.get(method, [])
+            flagged = bool(values) and at_chance(values, sizes)
+            chance += flagged
+            row.append(format_cell(values) + (" †" if flagged else ""))
+        rows.append(row)
+    footer = ""
+    if sizes:
+        typical = binomial_se({d: 75.0 for d in sizes}, sizes)
+        footer = (f"\nBinomial standard error of one run's average over the {sum(sizes.values())} "
+                  f"test reviews: about ±{typical:.1f} points at 75% (± is the spread over "
+                  f"seeds). † within two such errors of chance ({CHANCE:g}%): "
+                  f"{utils.plural(chance, 'cell')}.\n")
+    return header, rows, footer
 
 
 def plot_fewshot(root: str, task: str, out_path: str) -> bool:
@@ -582,8 +608,9 @@ def report(root: str, out_dir: str, tasks: List[str]) -> str:
                                        f"(points), paired by seed"))
         fewshot = fewshot_table(root, task)
         if fewshot:
-            printed.append(write_table(out_dir, f"fewshot_{task}", *fewshot,
-                                       f"{task}: few-shot, average test accuracy (%)"))
+            header, rows, footer = fewshot
+            printed.append(write_table(out_dir, f"fewshot_{task}", header, rows,
+                                       f"{task}: few-shot, average test accuracy (%)", footer))
             plot_fewshot(root, task, os.path.join(out_dir, f"fewshot_{task}.png"))
         tradeoff = tradeoff_rows(root, task)
         if tradeoff[1]:

@@ -156,6 +156,19 @@ def test_fewshot_plot_has_a_line_per_method(tmp_path):
     assert "| 2% | 60.5 ± 0.7 |" in table and "| 10% | 70.5 ± 0.7 |" in table
 
 
+
+def test_fewshot_table_marks_the_cells_at_chance(tmp_path):
+    for percent, value in (("2", 0.52), ("10", 0.60)):
+        for domain in DOMAINS:
+            for seed in (42, 43):
+                write_run(tmp_path / f"fewshot/p{percent}/train_domain/amazon/{domain}/"
+                                     f"seed{seed}", value)
+    header, rows, footer = report.fewshot_table(str(tmp_path), "amazon")
+    # 4 x 200 test reviews: a binomial error of 1.8 points at 52%, so 52% is chance, 60% not
+    assert rows == [["2%", "52.0 ± 0.0 †"], ["10%", "60.0 ± 0.0"]]
+    assert "over the 800 test reviews: about ±1.5 points at 75%" in footer
+    assert "within two such errors of chance (50%): 1 cell." in footer
+
 # plan.py: what is left, and how long it takes at the pace of the finished runs --------------
 def test_plan_counts_what_is_left_and_estimates_it(tmp_path):
     done = tmp_path / "train_domain/amazon/books/seed42"
