@@ -16,6 +16,7 @@
 #                                      # stage 4 with STUDY_VARIANTS for every seed of SEEDS; then
 #                                      # STUDY_CLEAN_VARIANTS with every domain clean (the table's
 #                                      # stage-3 teacher)
+# JOBS=2 bash reproduce_amazon.sh all: the stage processes two at a time (scheduler.py).
 # Settings from the environment: SEEDS (default "42"), PRESET (default real: T = 128;
 # real_t64: the old CPU configuration), AMAZON_DIR (default dataset/amazon, else
 # ../shared/data/amazon), OUT_ROOT (default runs/amazon_real), NUM_GPU, AMP, and any launcher
@@ -56,6 +57,9 @@ Settings from the environment: SEEDS, MAX_SEQ_LENGTH, AMAZON_DIR, OUT_ROOT (runs
 PYTHON (default: .venv/bin/python, else python3; PYTHON=echo prints the commands and writes
 nothing), NUM_GPU, AMP, and any launcher variable. Runs that finished are skipped and
 interrupted ones resumed (SKIP_FINISHED=1), so a step can be rerun after a stop.
+JOBS=N (table, fewshot, all): N stage processes at a time (scheduler.py: one per domain and
+stage-4 variant, each after its teachers, the students of finished teachers first), THREADS
+threads each (default: the cores over N); e.g. JOBS=2 on the 2-core machine of RESULTS.md.
 TEXT
   local timings=${OUT_ROOT:-runs/amazon_real}/timings.tsv
   if [ -f "${timings}" ]; then
@@ -292,6 +296,43 @@ study() {
   "${PYTHON}" report.py --runs "${OUT_ROOT}" --out "${OUT_ROOT}/report" --tasks amazon \
     --study_domain "${noisy}"
 }
+
+# JOBS > 1 (table, fewshot, all): first the step's stage commands, JOBS processes at a time,
+# through scheduler.py (one process per domain and stage-4 variant, each after its teachers, the
+# students of finished teachers first: --order students), THREADS threads each (default: the
+# cores over JOBS); logs and schedule.tsv in OUT_ROOT/schedule/. Then the step runs as usual:
+# it skips every finished run and adds TF-IDF and the report.
+parallel() {  # steps...
+  local dir=${OUT_ROOT}/schedule step plans=() cores threads
+  cores=$(nproc 2> /dev/null || echo 1)
+  threads=${THREADS:-$(( cores / JOBS > 0 ? cores / JOBS : 1 ))}
+  local modes=${*/table/full}
+  left "${modes}"
+  mkdir -p "${dir}"
+  for step in "$@"; do
+    PYTHON=echo JOBS=1 bash "$0" "${step}" > "${dir}/${step}.plan" 2> /dev/null
+    plans+=("${dir}/${step}.plan")
+  done
+  echo "== ${JOBS} processes at a time, ${threads} thread(s) each (scheduler.py; logs in ${dir}/logs)"
+  if ! "${PYTHON}" scheduler.py "${plans[@]}" --split --jobs "${JOBS}" --threads "${threads}" \
+       --order "${ORDER:-students}" --python "${PYTHON}" --log_dir "${dir}/logs"; then
+    echo "error: some runs failed or were skipped (${dir}/logs/schedule.tsv names them, each" \
+         "with its log); rerun the same command to retry them" >&2
+    exit 1
+  fi
+}
+
+JOBS=${JOBS:-1}
+if ! [[ "${JOBS}" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: JOBS=${JOBS}: a number of processes at a time (1 or more)" >&2
+  exit 1
+fi
+if [ "${JOBS}" -gt 1 ] && [ "${DRY_RUN}" = 0 ]; then
+  case "${STEP}" in
+    table|fewshot) parallel "${STEP}" ;;
+    all) parallel table fewshot ;;
+  esac
+fi
 
 case "${STEP}" in
   tune) tune ;;

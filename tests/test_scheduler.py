@@ -85,11 +85,14 @@ STAND_IN = textwrap.dedent("""\
     values = lambda flag: flag_values(args, flag)  # noqa: E731
     domains = values("--domain") or [None]
     for domain in domains:
-        out = values("--output_dir")[0].replace("{{domain}}", domain or "")
+        out = values("--output_dir")[0].replace("{{domain}}", domain or "").replace(
+            "{{variant}}", (values("--variant") or [""])[0])
         teacher = values("--teacher_dir")
         if teacher and not os.path.isfile(
                 os.path.join(teacher[0].replace("{{domain}}", domain or ""), "results.json")):
             sys.exit(4)  # started before its teacher finished
+        if "--skip_finished" in args and os.path.isfile(os.path.join(out, "results.json")):
+            continue  # as the stages do: a finished run is left alone
         with open(os.environ["STAND_IN_LOG"], "a") as log:
             log.write(f"{{time.time()}} {{out}}\\n")
         if "slow" in out:
@@ -193,6 +196,46 @@ def test_order_of_ready_jobs(tmp_path, stand_in, order, expected):
                            "--log_dir", str(logs), "--order", order]) == 0
     started = [line.split()[1] for line in (tmp_path / "started.log").read_text().splitlines()]
     assert [os.path.relpath(path, runs).rsplit("/", 1)[0] for path in started] == expected
+
+
+def test_reproduce_with_jobs_runs_the_stages_through_the_scheduler(tmp_path, sample):
+    # the stand-in fakes the stage scripts; the rest (utils.py, data_processing.py, TF-IDF,
+    # report.py) runs on the real interpreter against the generated reviews
+    real = tmp_path / "python"
+    real.write_text(STAND_IN.format(python=sys.executable, root=ROOT).replace(
+        "\nargs = sys.argv[2:]",
+        "\nif os.path.basename(sys.argv[1]) not in ('train_domain.py', 'train_multi_domain.py',"
+        " 'finetune_domain.py', 'finetune_multi_domain.py'):\n"
+        "    os.execv(sys.executable, [sys.executable] + sys.argv[1:])\n"
+        "args = sys.argv[2:]"))
+    assert "os.execv" in real.read_text()
+    real.chmod(0o755)
+    out = tmp_path / "runs"
+    env = dict(os.environ, PYTHON=str(real), OUT_ROOT=str(out), SEEDS="42", JOBS="2",
+               FEWSHOT_PERCENTS="50", AMAZON_DIR=sample["amazon"],
+               STAND_IN_LOG=str(tmp_path / "started.log"))
+    result = subprocess.run(["bash", "reproduce_amazon.sh", "fewshot"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "== 2 processes at a time, 1 thread(s) each" in result.stdout
+    rows = (out / "schedule" / "logs" / "schedule.tsv").read_text().splitlines()[1:]
+    # 4 teachers, the multi-domain teacher, 4 students, multi-domain KD and HRKD: each once,
+    # by the scheduler; the sequential pass after it found them finished
+    assert len(rows) == 11 and {row.split("\t")[5] for row in rows} == {"done"}
+    assert len((tmp_path / "started.log").read_text().splitlines()) == 11
+    assert (out / "fewshot" / "p50" / "tfidf" / "amazon" / "books" / "results.json").is_file()
+    # then the step as usual: its plan says all is finished, TF-IDF runs, report.py last
+    assert "stage 1: single-domain teachers: 4 of 4 runs finished" in result.stdout
+    assert result.stdout.rstrip().endswith(f"no finished runs under {out}")  # no test scores
+
+
+def test_reproduce_refuses_a_bad_jobs_value_before_writing(tmp_path):
+    result = subprocess.run(["bash", "reproduce_amazon.sh", "table"], cwd=ROOT, text=True,
+                            capture_output=True, env=dict(os.environ, JOBS="two",
+                                                          OUT_ROOT=str(tmp_path / "runs")))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: JOBS=two: a number of processes at a time (1 or more)"
+    assert not (tmp_path / "runs").exists()
 
 @pytest.mark.parametrize("argv, message", [
     (["--jobs", "0"], "--jobs must be at least 1"),
