@@ -176,7 +176,12 @@ def estimate(run: PlannedRun, measured: List[Measured]) -> Optional[float]:
     elif run.max_steps:
         total = run.max_steps
     else:
-        reference = min(same, key=lambda m: (m.max_steps > 0, abs(m.train_ratio - run.train_ratio)))
+        # only a run that trained whole epochs says how many steps an epoch has (a --max_steps
+        # run's --num_train_epochs is not what it trained)
+        by_epochs = [m for m in same if not m.max_steps]
+        if not by_epochs:
+            return None
+        reference = min(by_epochs, key=lambda m: abs(m.train_ratio - run.train_ratio))
         # rounded first: 153 / 3 * 3 * 0.9 / 0.9 is 153.00000000000003, not a 154th step
         total = math.ceil(round(reference.steps / reference.epochs * run.epochs
                                 * run.train_ratio / reference.train_ratio, 6))

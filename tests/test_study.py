@@ -327,6 +327,25 @@ def test_collect_keeps_finished_tuning_runs(tmp_path):
         "tune/train_domain/amazon/books/seed42"]
 
 
+def test_plan_does_not_count_an_epoch_run_s_steps_from_a_max_steps_run(tmp_path):
+    done = tmp_path / "fewshot/p5/train_domain/amazon/books/seed42"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text(json.dumps({
+        "command": ["train_domain.py"], "started": "2026-12-01T10:00:00",
+        "args": {"max_seq_length": 32, "train_ratio": 0.045, "num_train_epochs": 3,
+                 "max_steps": 30}}))  # 30 steps of 3 per epoch: 10 epochs, not 3
+    (done / "results.json").write_text(json.dumps({"finished": {"train_steps": 30,
+                                                                "tested": True}}))
+    (done / "timing.json").write_text(json.dumps({"seconds": 60, "resumed": False}))
+    lines = [f"train_domain.py --domain dvd --max_seq_length 32 --train_ratio 0.9 "
+             f"--num_train_epochs 3 --output_dir {tmp_path}/train_domain/amazon/{{domain}}/seed42",
+             f"train_domain.py --domain dvd --max_seq_length 32 --train_ratio 0.09 "
+             f"--num_train_epochs 3 --max_steps 30 --output_dir {tmp_path}/fewshot/p10/"
+             f"train_domain/amazon/{{domain}}/seed42"]
+    _, seconds, unknown = plan.summarise(plan.parse_commands(lines), str(tmp_path))
+    assert seconds == pytest.approx(60) and unknown == 1  # the 30-step run only: 2 s a step
+
+
 def test_plan_does_not_time_a_students_model_at_a_teachers_pace(tmp_path):
     done = tmp_path / "train_domain/amazon/books/seed42"
     done.mkdir(parents=True)
