@@ -199,13 +199,13 @@ def test_plan_counts_what_is_left_and_estimates_it(tmp_path):
 
 
 
-def _committed_run(folder, machine, seconds, steps=60):
+def _committed_run(folder, machine, seconds, steps=60, **args):
     """A finished stage-1 run as results/ holds it: no weights, its wall time in timing.json
-    (the files' modification times are a clone's)."""
+    (the files' modification times are a clone's); ``args`` override its flags."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({
         "command": ["train_domain.py"], "started": "2026-12-01T10:00:00", "machine": machine,
-        "args": {"max_seq_length": 32, "train_ratio": 0.9, "num_train_epochs": 2}}))
+        "args": {"max_seq_length": 32, "train_ratio": 0.9, "num_train_epochs": 2, **args}}))
     (folder / "results.json").write_text(json.dumps({"finished": {"train_steps": steps,
                                                                   "tested": True}}))
     (folder / "timing.json").write_text(json.dumps({"seconds": seconds, "resumed": False,
@@ -328,15 +328,9 @@ def test_collect_keeps_finished_tuning_runs(tmp_path):
 
 
 def test_plan_does_not_count_an_epoch_run_s_steps_from_a_max_steps_run(tmp_path):
-    done = tmp_path / "fewshot/p5/train_domain/amazon/books/seed42"
-    done.mkdir(parents=True)
-    (done / "config.json").write_text(json.dumps({
-        "command": ["train_domain.py"], "started": "2026-12-01T10:00:00",
-        "args": {"max_seq_length": 32, "train_ratio": 0.045, "num_train_epochs": 3,
-                 "max_steps": 30}}))  # 30 steps of 3 per epoch: 10 epochs, not 3
-    (done / "results.json").write_text(json.dumps({"finished": {"train_steps": 30,
-                                                                "tested": True}}))
-    (done / "timing.json").write_text(json.dumps({"seconds": 60, "resumed": False}))
+    # 30 steps of 3 per epoch: 10 epochs, not 3
+    _committed_run(tmp_path / "fewshot/p5/train_domain/amazon/books/seed42", None, 60, steps=30,
+                   train_ratio=0.045, num_train_epochs=3, max_steps=30)
     lines = [f"train_domain.py --domain dvd --max_seq_length 32 --train_ratio 0.9 "
              f"--num_train_epochs 3 --output_dir {tmp_path}/train_domain/amazon/{{domain}}/seed42",
              f"train_domain.py --domain dvd --max_seq_length 32 --train_ratio 0.09 "
