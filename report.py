@@ -193,9 +193,14 @@ def comparison_rows(root: str, task: str):
     return header, rows
 
 
+# The precision a run computed in, by its resolved --amp (config.json's args.amp).
+PRECISIONS = {"off": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
+
+
 def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, int]]:
-    """{method: {machine: finished runs}} from each run's config.json ("machine", recorded
-    since 2026-12-02; older runs count as "not recorded")."""
+    """{method: {machine and precision: finished runs}} from each run's config.json ("machine",
+    recorded since 2026-12-02; older runs count as "not recorded"; the precision is the
+    resolved --amp, where recorded)."""
     found: Dict[str, Dict[str, int]] = {}
     domains = task_domains(root, task)
     for label, template, _ in METHODS:
@@ -208,6 +213,9 @@ def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, int]]:
                 machine = config.get("machine") or (
                     "scikit-learn on the CPU" if results.get("method", "").startswith("tfidf")
                     else "not recorded")
+                amp = config.get("args", {}).get("amp")
+                if amp:  # what the run computed in: the same CPU gives other figures in bf16
+                    machine += f"; {PRECISIONS.get(amp, amp)}"
                 counts = found.setdefault(label, {})
                 counts[machine] = counts.get(machine, 0) + 1
             if not template.count("{domain}"):
@@ -215,10 +223,18 @@ def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, int]]:
     return found
 
 
-def hardware_footer(root: str, task: str) -> str:
+def hardware_footer(root: str, task: str, folders: Optional[List[str]] = None) -> str:
+    """The hardware lines under a table: of the runs under ``root``, or summed over ``folders``
+    (the few-shot ratios' roots)."""
+    found: Dict[str, Dict[str, int]] = {}
+    for folder in folders if folders is not None else [root]:
+        for label, machines in hardware_of_rows(folder, task).items():
+            counts = found.setdefault(label, {})
+            for machine, count in machines.items():
+                counts[machine] = counts.get(machine, 0) + count
     lines = [f"- {label}: " + "; ".join(f"{machine} ({utils.plural(count, 'run')})"
                                        for machine, count in machines.items())
-             for label, machines in hardware_of_rows(root, task).items()]
+             for label, machines in found.items()]
     return "\nHardware of each row's runs:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
@@ -265,12 +281,16 @@ def write_table(out_dir: str, name: str, header, rows, title: str,
     return markdown
 
 
+def fewshot_ratio_dirs(root: str) -> List[str]:
+    """The fewshot/p<percent> folders under ``root``, smallest ratio first."""
+    return sorted(glob.glob(os.path.join(root, "fewshot", "p*")),
+                  key=lambda p: float(re.sub(r"[^0-9.]", "", os.path.basename(p)) or 0))
+
+
 def fewshot_results(root: str, task: str) -> Dict[float, Dict[str, List[float]]]:
     """{percent: {method: per-seed averages over domains}} of the fewshot/p<percent> runs."""
-    ratio_dirs = sorted(glob.glob(os.path.join(root, "fewshot", "p*")),
-                        key=lambda p: float(re.sub(r"[^0-9.]", "", os.path.basename(p)) or 0))
     results = {}
-    for folder in ratio_dirs:
+    for folder in fewshot_ratio_dirs(root):
         table = collect(folder, task)
         averages = {label: average_over_domains(cells) for label, cells in table.items()}
         results[float(os.path.basename(folder)[1:])] = {m: v for m, v in averages.items() if v}
@@ -312,6 +332,7 @@ def fewshot_table(root: str, task: str):
                   f"test reviews: about ±{typical:.1f} points at 75% (± is the spread over "
                   f"seeds). † within two such errors of chance ({CHANCE:g}%): "
                   f"{utils.plural(chance, 'cell')}.\n")
+    footer += hardware_footer(root, task, fewshot_ratio_dirs(root))
     return header, rows, footer
 
 

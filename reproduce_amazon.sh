@@ -4,6 +4,7 @@
 # what these commands produced.
 #   bash reproduce_amazon.sh tune      # dev sweeps behind presets/real.sh (no test figures)
 #   bash reproduce_amazon.sh tune_fewshot  # dev sweep of the few-shot training length
+#   bash reproduce_amazon.sh tune_fewshot_multi  # the same for the multi-domain students
 #   bash reproduce_amazon.sh table     # every row: stages 1-4, the mix teacher, the students on
 #                                      # the labels alone, TF-IDF; report.py
 #   bash reproduce_amazon.sh fewshot   # teachers, TinyBERT-KD, multi-domain KD and HRKD on
@@ -33,6 +34,10 @@ usage: bash reproduce_amazon.sh STEP   (the real Amazon reviews, PRESET=real; RE
   tune_fewshot  dev sweep of the few-shot steps (TUNE_FEWSHOT_STEPS, default "100 300") at
             the smallest ratio (TUNE_FEWSHOT_PERCENT, default 2), books: teachers, then
             students of the best teacher (no test figures)
+  tune_fewshot_multi  the same for stage 4: one multi-domain teacher at the smallest ratio
+            (the preset's few-shot steps), then its students (TUNE_FEWSHOT_VARIANTS, default
+            "hrkd no_graph") for each of TUNE_FEWSHOT_STEPS (default "30 100"); dev of every
+            domain (no test figures)
   table     every row: stages 1-4 (the paper's rows and ablations), the mix teacher (one head
             on the pooled domains), the students on the labels alone, TF-IDF; report.py
   fewshot   teachers, TinyBERT-KD, multi-domain KD and HRKD on FEWSHOT_PERCENTS of the
@@ -71,9 +76,9 @@ TEXT
 
 STEP=${1:-}
 case "${STEP}" in
-  tune|tune_fewshot|table|fewshot|all|study|left|deploy) ;;
+  tune|tune_fewshot|tune_fewshot_multi|table|fewshot|all|study|left|deploy) ;;
   ""|help|-h|--help) usage; exit 0 ;;
-  *) echo "error: unknown step '${STEP}' (tune, tune_fewshot, table, fewshot, all, study, left or deploy; see --help)" >&2
+  *) echo "error: unknown step '${STEP}' (tune, tune_fewshot, tune_fewshot_multi, table, fewshot, all, study, left or deploy; see --help)" >&2
      exit 1 ;;
 esac
 
@@ -266,6 +271,29 @@ tune_fewshot() {
   best_dev "${root}"/student_steps*/"${sub}"/finetune_domain/amazon/books/seed42 > /dev/null
 }
 
+# The few-shot training length of stage 4, on dev. Stage 2's choice need not carry over: a
+# stage-4 student fits its random maps to the hidden states of four domains at once, and it is
+# judged on every domain's dev split (720 reviews, not books' 170). At the smallest ratio one multi-domain teacher trains for the preset's
+# few-shot steps (stage 3's, which takes stage 1's choice); then its students, each variant of
+# TUNE_FEWSHOT_VARIANTS, train for each candidate of TUNE_FEWSHOT_STEPS.
+tune_fewshot_multi() {
+  local percent=${TUNE_FEWSHOT_PERCENT:-${FEWSHOT_PERCENTS%% *}} root=${OUT_ROOT}/tune_fewshot_multi
+  local steps sub=fewshot/p${percent} teacher
+  export SEEDS=42 MODE=fewshot DO_TEST=0 FEWSHOT_PERCENTS=${percent}
+  export VAL_FREQ=${TUNE_FEWSHOT_VAL_FREQ:-25}
+  OUT_ROOT=${root}/teacher timed "tune few-shot stage 3, ${percent}%, the preset's steps" \
+    bash train_multi_domain.sh
+  teacher=${root}/teacher/${sub}/train_multi_domain/amazon/seed42
+  for steps in ${TUNE_FEWSHOT_STEPS:-30 100}; do
+    link_teacher "${teacher}" "${root}/student_steps${steps}/${sub}/train_multi_domain/amazon"
+    OUT_ROOT=${root}/student_steps${steps} FEWSHOT_STEPS=${steps} \
+      VARIANTS=${TUNE_FEWSHOT_VARIANTS:-"hrkd no_graph"} \
+      timed "tune few-shot stage 4, ${percent}%, ${steps} steps" bash finetune_multi_domain.sh
+  done
+  echo "few-shot stage-4 dev (every domain, ${percent}%):"
+  best_dev "${root}"/student_steps*/"${sub}"/finetune_multi_domain/amazon/*/seed42 > /dev/null
+}
+
 # The label-noise study: does a weighting give the unreliable domain less than 1/D, and what
 # does it cost when every domain is clean? NOISY_DOMAIN's training labels are flipped with
 # FLIP_PROB; stage 3 (seed TEACHER_SEED) learns from them; stage 4 runs STUDY_VARIANTS for every
@@ -337,6 +365,7 @@ fi
 case "${STEP}" in
   tune) tune ;;
   tune_fewshot) tune_fewshot ;;
+  tune_fewshot_multi) tune_fewshot_multi ;;
   table) table full ;;
   fewshot) table fewshot ;;
   all) table full; table fewshot ;;

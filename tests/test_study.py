@@ -288,13 +288,15 @@ def test_reproduce_left_on_a_fresh_clone_goes_by_the_committed_runs_of_this_mach
     assert not (tmp_path / "runs").exists()
 
 def test_report_says_on_which_hardware_each_row_ran(tmp_path):
-    for seed, machine in ((42, "NVIDIA H200 (GPU); torch 2.11"), (43, "AMD EPYC, 2 cores")):
+    for seed, machine, amp in ((42, "NVIDIA H200 (GPU); torch 2.11", "bf16"),
+                               (43, "AMD EPYC, 2 cores", "off"), (44, "AMD EPYC, 2 cores", "off")):
         run = tmp_path / f"finetune_multi_domain/amazon/hrkd/seed{seed}"
         write_run(run, 0.8)
-        (run / "config.json").write_text(json.dumps({"machine": machine}))
+        (run / "config.json").write_text(json.dumps({"machine": machine, "args": {"amp": amp}}))
     write_run(tmp_path / "finetune_multi_domain/amazon/uniform/seed42", 0.8)  # older: none
     text = report.report(str(tmp_path), str(tmp_path / "out"), ["amazon"])
-    assert "- HRKD: NVIDIA H200 (GPU); torch 2.11 (1 run); AMD EPYC, 2 cores (1 run)" in text
+    assert ("- HRKD: NVIDIA H200 (GPU); torch 2.11; bf16 autocast (1 run); "
+            "AMD EPYC, 2 cores; fp32 (2 runs)") in text
     assert "- HRKD (uniform weights): not recorded (1 run)" in text
 
 
@@ -388,3 +390,29 @@ def test_real_preset_trains_every_fewshot_run_the_chosen_steps(tmp_path):
     assert result.returncode == 0, result.stderr
     stages = [line.split() for line in result.stdout.splitlines() if "--max_steps" in line]
     assert len(stages) == 2 * 4 and all(c[c.index("--max_steps") + 1] == "30" for c in stages)
+
+
+def test_tune_fewshot_multi_dry_run_sweeps_stage_4_steps_on_every_domain(tmp_path):
+    out = tmp_path / "runs"
+    env = dict(os.environ, OUT_ROOT=str(out), PYTHON="echo", TUNE_FEWSHOT_STEPS="30 100")
+    env.pop("FEWSHOT_STEPS", None)
+    result = subprocess.run(["bash", "reproduce_amazon.sh", "tune_fewshot_multi"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    commands = [line.split() for line in result.stdout.splitlines()
+                if line.startswith(("train_multi_domain.py", "finetune_multi_domain.py"))]
+    # one teacher at the preset's few-shot steps, then the students at each candidate
+    assert [(c[0], c[c.index("--max_steps") + 1]) for c in commands] == [
+        ("train_multi_domain.py", "30"), ("finetune_multi_domain.py", "30"),
+        ("finetune_multi_domain.py", "100")]
+    for command in commands:
+        assert "--domain" not in command  # every domain
+        assert command[command.index("--train_ratio") + 1] == "0.018"
+        assert "--do_test" not in command
+    student = commands[1]
+    at = student.index("--variant")
+    assert student[at + 1:at + 3] == ["hrkd", "no_graph"]
+    assert student[student.index("--teacher_dir") + 1] == str(
+        out / "tune_fewshot_multi" / "student_steps30" / "fewshot" / "p2" / "train_multi_domain"
+        / "amazon" / "seed42")
+    assert not out.exists()
