@@ -197,11 +197,12 @@ def comparison_rows(root: str, task: str):
 PRECISIONS = {"off": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
 
 
-def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, int]]:
-    """{method: {machine and precision: finished runs}} from each run's config.json ("machine",
-    recorded since 2026-12-02; older runs count as "not recorded"; the precision is the
-    resolved --amp, where recorded)."""
-    found: Dict[str, Dict[str, int]] = {}
+def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, List[Optional[float]]]]:
+    """{method: {machine and precision: one wall time per finished run}} from each run's
+    config.json ("machine", recorded since 2026-12-02; older runs count as "not recorded"; the
+    precision is the resolved --amp, where recorded) and timing.json (seconds of the training
+    process; None where it is missing or the run was resumed, so that it timed a part only)."""
+    found: Dict[str, Dict[str, List[Optional[float]]]] = {}
     domains = task_domains(root, task)
     for label, template, _ in METHODS:
         for domain in domains:
@@ -216,8 +217,7 @@ def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, int]]:
                 amp = config.get("args", {}).get("amp")
                 if amp:  # what the run computed in: the same CPU gives other figures in bf16
                     machine += f"; {PRECISIONS.get(amp, amp)}"
-                counts = found.setdefault(label, {})
-                counts[machine] = counts.get(machine, 0) + 1
+                found.setdefault(label, {}).setdefault(machine, []).append(_wall_seconds(run))
             if not template.count("{domain}"):
                 break  # one run folder serves every domain
     return found
@@ -226,16 +226,36 @@ def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, int]]:
 def hardware_footer(root: str, task: str, folders: Optional[List[str]] = None) -> str:
     """The hardware lines under a table: of the runs under ``root``, or summed over ``folders``
     (the few-shot ratios' roots)."""
-    found: Dict[str, Dict[str, int]] = {}
+    found: Dict[str, Dict[str, List[Optional[float]]]] = {}
     for folder in folders if folders is not None else [root]:
         for label, machines in hardware_of_rows(folder, task).items():
-            counts = found.setdefault(label, {})
-            for machine, count in machines.items():
-                counts[machine] = counts.get(machine, 0) + count
-    lines = [f"- {label}: " + "; ".join(f"{machine} ({utils.plural(count, 'run')})"
-                                       for machine, count in machines.items())
+            for machine, seconds in machines.items():
+                found.setdefault(label, {}).setdefault(machine, []).extend(seconds)
+    lines = [f"- {label}: " + "; ".join(f"{machine} ({utils.plural(len(seconds), 'run')}"
+                                       f"{_wall_range(seconds)})"
+                                       for machine, seconds in machines.items())
              for label, machines in found.items()]
-    return "\nHardware of each row's runs:\n\n" + "\n".join(lines) + "\n" if lines else ""
+    return ("\nHardware of each row's runs (and the wall time of one run's training process, "
+            "from timing.json):\n\n" + "\n".join(lines) + "\n") if lines else ""
+
+
+def _wall_seconds(run: str) -> Optional[float]:
+    """The training process's seconds from timing.json; None where it is missing or the run
+    was resumed (it timed the last process only)."""
+    timing = utils.read_json(os.path.join(run, utils.RunDir.TIMING), None)
+    if not isinstance(timing, dict) or timing.get("resumed") or not timing.get("seconds"):
+        return None
+    return float(timing["seconds"])
+
+
+def _wall_range(seconds: List[Optional[float]]) -> str:
+    """'; 12-21 min a run' over the timed runs ('..., 3 timed' when some were not)."""
+    timed = [s for s in seconds if s is not None]
+    if not timed:
+        return ""
+    low, high = (round(min(timed) / 60), round(max(timed) / 60))
+    text = f"; {low} min a run" if low == high else f"; {low}-{high} min a run"
+    return text + (f", {len(timed)} timed" if len(timed) < len(seconds) else "")
 
 
 def format_cell(values: List[float]) -> str:

@@ -293,10 +293,14 @@ def test_report_says_on_which_hardware_each_row_ran(tmp_path):
         run = tmp_path / f"finetune_multi_domain/amazon/hrkd/seed{seed}"
         write_run(run, 0.8)
         (run / "config.json").write_text(json.dumps({"machine": machine, "args": {"amp": amp}}))
+        # wall times: 1 min on the GPU; on the CPU 62 min, and a resumed run that timed a part
+        timing = {42: {"seconds": 61.0}, 43: {"seconds": 3720.0},
+                  44: {"seconds": 200.0, "resumed": True}}[seed]
+        (run / "timing.json").write_text(json.dumps(timing))
     write_run(tmp_path / "finetune_multi_domain/amazon/uniform/seed42", 0.8)  # older: none
     text = report.report(str(tmp_path), str(tmp_path / "out"), ["amazon"])
-    assert ("- HRKD: NVIDIA H200 (GPU); torch 2.11; bf16 autocast (1 run); "
-            "AMD EPYC, 2 cores; fp32 (2 runs)") in text
+    assert ("- HRKD: NVIDIA H200 (GPU); torch 2.11; bf16 autocast (1 run; 1 min a run); "
+            "AMD EPYC, 2 cores; fp32 (2 runs; 62 min a run, 1 timed)") in text
     assert "- HRKD (uniform weights): not recorded (1 run)" in text
 
 
