@@ -104,7 +104,7 @@ def parse_commands(lines) -> List[Section]:
     return [s for s in sections if s.runs]
 
 
-def _wall_seconds(run_dir: str, trust_mtime: bool = True) -> Optional[float]:
+def wall_seconds(run_dir: str, trust_mtime: bool = True) -> Optional[float]:
     """timing.json's seconds (written by the training process as it finished), else, with
     ``trust_mtime`` (the runs' own folder, not a copy or a clone), from config.json's start to
     the finished marker: results.json's modification time (the marker is written last)."""
@@ -147,7 +147,7 @@ def measured_runs(root: str, machine: Optional[str] = None) -> List[Measured]:
         if machine is not None and config.get("machine") != machine:
             continue
         finished = (read_json(path, {}) or {}).get("finished") or {}
-        seconds = _wall_seconds(run_dir, trust_mtime=machine is None)
+        seconds = wall_seconds(run_dir, trust_mtime=machine is None)
         command = config.get("command") or [""]
         args = config.get("args", {})
         if seconds is None or not finished.get("train_steps"):

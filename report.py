@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+import plan
 import utils
 from data_processing import PROCESSORS
 from variants import VARIANTS
@@ -217,7 +218,8 @@ def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, List[Optional[
                 amp = config.get("args", {}).get("amp")
                 if amp:  # what the run computed in: the same CPU gives other figures in bf16
                     machine += f"; {PRECISIONS.get(amp, amp)}"
-                found.setdefault(label, {}).setdefault(machine, []).append(_wall_seconds(run))
+                found.setdefault(label, {}).setdefault(machine, []).append(
+                    plan.wall_seconds(run, trust_mtime=False))  # a copy's mtime says nothing
             if not template.count("{domain}"):
                 break  # one run folder serves every domain
     return found
@@ -237,15 +239,6 @@ def hardware_footer(root: str, task: str, folders: Optional[List[str]] = None) -
              for label, machines in found.items()]
     return ("\nHardware of each row's runs (and the wall time of one run's training process, "
             "from timing.json):\n\n" + "\n".join(lines) + "\n") if lines else ""
-
-
-def _wall_seconds(run: str) -> Optional[float]:
-    """The training process's seconds from timing.json; None where it is missing or the run
-    was resumed (it timed the last process only)."""
-    timing = utils.read_json(os.path.join(run, utils.RunDir.TIMING), None)
-    if not isinstance(timing, dict) or timing.get("resumed") or not timing.get("seconds"):
-        return None
-    return float(timing["seconds"])
 
 
 def _wall_range(seconds: List[Optional[float]]) -> str:
