@@ -205,7 +205,9 @@ left() {
   for mode in ${modes}; do
     step=table; [ "${mode}" = fewshot ] && step=fewshot
     echo "-- ${step}: what is left under ${OUT_ROOT}"
-    PYTHON=echo bash "$0" "${step}" 2> /dev/null \
+    # SKIP_FINISHED=0: every run's command, finished or not (stage 4 leaves finished
+    # variants out of its command otherwise, and plan.py would not count them as finished)
+    SKIP_FINISHED=0 PYTHON=echo bash "$0" "${step}" 2> /dev/null \
       | "${PYTHON}" plan.py --runs "${OUT_ROOT}" --pace "${PACE_FROM:-results}" \
           ${machine:+--machine "${machine}"}
   done

@@ -265,6 +265,22 @@ def test_reproduce_left_prints_the_plan_and_creates_nothing(tmp_path):
 
 
 
+def test_reproduce_left_counts_finished_stage4_variants(tmp_path):
+    # stage 4 leaves finished variants out of its command when it skips them: the plan must
+    # still count them as finished, not forget them
+    out = tmp_path / "runs"
+    run = out / "finetune_multi_domain/amazon/hrkd/seed42"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"finished": {"train_steps": 10,
+                                                               "tested": True}}))
+    result = subprocess.run(["bash", "reproduce_amazon.sh", "left"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env=dict(os.environ, OUT_ROOT=str(out), SEEDS="42"))
+    assert result.returncode == 0, result.stderr
+    assert "stage 4: multi-domain students: 1 of 4 runs finished, 3 left" in result.stdout
+    assert "left: 18 runs" in result.stdout
+
+
 def test_reproduce_left_on_a_fresh_clone_goes_by_the_committed_runs_of_this_machine(tmp_path):
     import runtime
     machine = runtime.describe_machine(torch.device("cpu"))
