@@ -6,8 +6,10 @@ Reads the commands of a dry run (``PYTHON=echo``: one stage command per line, an
 (utils.run_status); estimates the time of what is left from the finished runs under --runs
 (seconds per step of the same script at the same sequence length: timing.json's wall
 seconds, else config.json's "started" to results.json's last write, the finished marker; runs
-that were resumed are not used), or, where none alike finished there, from the committed runs
-under --pace that ran on --machine. Prints one line per stage and a total. Torch-free.
+that were resumed are not used) that ran on --machine, or, where none alike did, from the
+committed runs under --pace that ran on --machine, and last from those under --runs that ran
+on other machines (a study's folder that moved between machines of two speeds). Prints one
+line per stage and a total. Torch-free.
 
     PYTHON=echo bash reproduce_amazon.sh table | python plan.py --runs runs/amazon_real \
         --pace results --machine "$(python -c 'import torch, runtime;
@@ -135,6 +137,7 @@ class Measured:
     steps: int
     seconds: float
     blocks: int = 0
+    machine: Optional[str] = None   # config.json's description of where it ran, if it says
 
 
 def measured_runs(root: str, machine: Optional[str] = None) -> List[Measured]:
@@ -156,7 +159,8 @@ def measured_runs(root: str, machine: Optional[str] = None) -> List[Measured]:
                               float(args.get("train_ratio", 0.9)),
                               float(args.get("num_train_epochs", 1)),
                               int(args.get("max_steps", 0)), int(finished["train_steps"]),
-                              seconds, len(args.get("init_layers") or [])))
+                              seconds, len(args.get("init_layers") or []),
+                              config.get("machine")))
     return found
 
 
@@ -196,11 +200,16 @@ def _duration(seconds: float) -> str:
 def summarise(sections: List[Section], root: str, pace: Tuple[str, ...] = (),
               machine: Optional[str] = None) -> Tuple[str, float, int]:
     """The printed plan, the estimated seconds left, and the runs left without an estimate.
-    A run with nothing alike finished under ``root`` takes the pace of the runs under the
-    ``pace`` roots that ran on ``machine`` (e.g. the committed results/ on a fresh clone)."""
-    measured = measured_runs(root)
+    Each run left takes the pace of the finished runs alike under ``root`` that ran on
+    ``machine`` (all of them when it is None; runs that do not say where they ran count as
+    this machine's); failing that, of those under the ``pace`` roots that ran on ``machine``
+    (e.g. the committed results/ on a fresh clone); failing that, of those under ``root`` that
+    ran elsewhere (a study's folder carried over from a machine of another kind), said so."""
+    here = measured_runs(root)
+    measured = [m for m in here if machine is None or m.machine in (None, machine)]
+    elsewhere = [m for m in here if m not in measured]
     committed = [m for folder in pace if machine for m in measured_runs(folder, machine)]
-    lines, total, unknown, from_committed = [], 0.0, 0, 0
+    lines, total, unknown, from_committed, from_elsewhere = [], 0.0, 0, 0, 0
     for section in sections:
         left = []
         for run in section.runs:
@@ -215,6 +224,9 @@ def summarise(sections: List[Section], root: str, pace: Tuple[str, ...] = (),
             if seconds[-1] is None and committed:
                 seconds[-1] = estimate(run, committed)
                 from_committed += seconds[-1] is not None
+            if seconds[-1] is None and elsewhere:
+                seconds[-1] = estimate(run, elsewhere)
+                from_elsewhere += seconds[-1] is not None
         known = sum(s for s in seconds if s is not None)
         missing = sum(s is None for s in seconds)
         total, unknown = total + known, unknown + missing
@@ -241,6 +253,10 @@ def summarise(sections: List[Section], root: str, pace: Tuple[str, ...] = (),
     if from_committed:
         lines.append(f"({plural(from_committed, 'run')} estimated from the pace of runs under "
                      f"{', '.join(pace)} that ran on this kind of machine: {machine})")
+    if from_elsewhere:
+        lines.append(f"({plural(from_elsewhere, 'run')} estimated from the pace of runs under "
+                     f"{root} that ran on other machines: "
+                     f"{'; '.join(sorted({m.machine for m in elsewhere}))})")
     return "\n".join(lines), total, unknown
 
 

@@ -237,6 +237,27 @@ def test_plan_takes_the_pace_of_committed_runs_of_this_machine(tmp_path):
                           "this CPU")[2] == 1
 
 
+def test_plan_prefers_the_pace_of_this_machine_in_the_runs_folder(tmp_path):
+    # a study's folder that moved between machines: a run there from a 2x slower machine is
+    # the last resort, after the committed runs of this machine
+    runs, committed = tmp_path / "runs", tmp_path / "results"
+    _committed_run(runs / "train_domain/amazon/books/seed42", "slow CPU", 240)  # 4 s a step
+    lines = [f"train_domain.py --domain dvd --max_seq_length 32 --train_ratio 0.9 "
+             f"--num_train_epochs 2 --output_dir {runs}/train_domain/amazon/{{domain}}/seed42"]
+    commands = plan.parse_commands(lines)
+    text, seconds, unknown = plan.summarise(commands, str(runs), (str(committed),), "fast CPU")
+    assert (seconds, unknown) == (pytest.approx(240), 0)  # nothing else to go by
+    assert "1 run estimated from the pace of runs under" in text and "other machines: slow" in text
+    _committed_run(committed / "train_domain/amazon/books/seed42", "fast CPU", 120)  # 2 s
+    text, seconds, _ = plan.summarise(commands, str(runs), (str(committed),), "fast CPU")
+    assert seconds == pytest.approx(120) and "other machines" not in text
+    _committed_run(runs / "train_domain/amazon/kitchen/seed42", "fast CPU", 60)  # 1 s a step
+    assert plan.summarise(commands, str(runs), (str(committed),), "fast CPU")[1] == \
+        pytest.approx(60)
+    # without --machine every run of the folder counts: (240 + 60) s over 120 steps
+    assert plan.summarise(commands, str(runs))[1] == pytest.approx(150)
+
+
 def test_finished_runs_record_their_wall_time_and_collect_keeps_it(tmp_path, pooled_teacher):
     import utils
     timing = json.load(open(pooled_teacher / "timing.json"))
