@@ -183,7 +183,33 @@ TEACHER_CACHE=${TEACHER_CACHE:-}     # stages 2 and 4: on | off (empty: the scri
 
 MAX_STEPS=${MAX_STEPS:-}              # full data: this many steps (empty: EPOCHS decide)
 FEWSHOT_STEPS=${FEWSHOT_STEPS:-}      # each few-shot ratio: this many steps (empty: EPOCHS,
-                                      # the released recipe, which is few steps on little data)
+                                      # the released recipe, which is few steps on little data),
+                                      # or per ratio, PERCENT:STEPS pairs ("2:30 20:100")
+
+# The steps of one few-shot ratio (percent) from FEWSHOT_STEPS: its own pair when FEWSHOT_STEPS
+# holds PERCENT:STEPS pairs, else the one number (or nothing: EPOCHS decide). A missing ratio or
+# a count that is not a positive integer is an error naming the variable.
+fewshot_steps() {
+  local entry steps=""
+  case "${FEWSHOT_STEPS}" in
+    *:*)
+      for entry in ${FEWSHOT_STEPS}; do
+        if [ "${entry%%:*}" = "$1" ]; then steps=${entry#*:}; fi
+      done
+      if [ -z "${steps}" ]; then
+        echo "error: FEWSHOT_STEPS=\"${FEWSHOT_STEPS}\" has no PERCENT:STEPS pair for ${1}%" >&2
+        return 1
+      fi ;;
+    *) steps=${FEWSHOT_STEPS} ;;
+  esac
+  case "${steps}" in
+    "") ;;
+    *[!0-9]*|0*)
+      echo "error: FEWSHOT_STEPS=\"${FEWSHOT_STEPS}\": steps must be a positive integer, got '${steps}'" >&2
+      return 1 ;;
+  esac
+  echo "${steps}"
+}
 
 # Few-shot: the paper trains on p% of the training data; train_ratio = 0.9 x p / 100.
 fewshot_ratio() {
@@ -202,14 +228,17 @@ run_modes() {
     check_data_dir "${task}"
     task_fact "${task}" domains > /dev/null
   done
+  if [ "${MODE}" != full ]; then  # every ratio's length, before any run
+    for PERCENT in ${FEWSHOT_PERCENTS}; do fewshot_steps "${PERCENT}" > /dev/null || return 1; done
+  fi
   set_launch
   if [ "${MODE}" != fewshot ]; then
     STEPS=${MAX_STEPS}
     run_stage "${OUT_ROOT}" 0.9
   fi
   if [ "${MODE}" != full ]; then
-    STEPS=${FEWSHOT_STEPS}
     for PERCENT in ${FEWSHOT_PERCENTS}; do
+      STEPS=$(fewshot_steps "${PERCENT}")
       run_stage "${OUT_ROOT}/fewshot/p${PERCENT}" "$(fewshot_ratio "${PERCENT}")"
     done
   fi

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -501,13 +502,49 @@ def runs_per_domain(args, per_domain: bool) -> List[argparse.Namespace]:
     return runs
 
 
+# Arguments that do not change what a run trains: how it runs, where it reads and writes (a
+# path differs between machines and checkouts; a checkpoint's name is saved resolved to its
+# path), the switches of this very check, and the domain (the run's folder names it; the
+# multi-domain stages keep their first domain there).
+NOT_RECIPE = {"amp", "amp_requested", "cache_dir", "compile", "compile_backend", "compile_mode",
+              "no_progress", "output_dir", "overwrite", "resume", "skip_finished", "do_train",
+              "do_test", "teacher_cache", "teacher_cache_gb", "eval_batch_size", "data_dir",
+              "init_checkpoint", "student_init", "teacher_dir", "vocab_file", "domain"}
+
+
+def recipe_changes(run: RunDir, args) -> List[str]:
+    """What the run folder's config.json was trained with that these arguments change
+    ("max_steps 30 -> 100"), over the arguments both know, NOT_RECIPE left out."""
+    try:
+        with open(run.file(RunDir.CONFIG)) as handle:
+            saved = json.load(handle).get("args", {})
+    except (OSError, ValueError):
+        return []  # no readable config: nothing to compare (status() judges the run itself)
+    asked = vars(args)
+    return [f"{key} {saved[key]} -> {asked[key]}" for key in sorted(set(saved) & set(asked))
+            if key not in NOT_RECIPE and saved[key] != _json_value(asked[key])]
+
+
+def _json_value(value):
+    """A value as config.json stores it (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
 def skip_or_resume(args) -> bool:
     """--skip_finished: True when the run already finished (leave it alone); an interrupted
-    run with a resume state is continued (--resume); anything else runs as usual."""
+    run with a resume state is continued (--resume); anything else runs as usual. A finished
+    or interrupted run made with another recipe (config.json) is an error, not a silent skip:
+    the figures in its folder would not be those of the arguments asked for."""
     if not args.skip_finished:
         return False
     run = RunDir(args.output_dir)
     status = run.status(need_test=args.do_test)
+    if status["state"] == "finished" or os.path.isfile(run.file(RunDir.LAST)):
+        changes = recipe_changes(run, args)
+        if changes:
+            raise ValueError(f"{args.output_dir} was trained with other settings "
+                             f"({', '.join(changes)}); --overwrite retrains it, or choose "
+                             "another --output_dir")
     if status["state"] == "finished":
         print(f"skipped (finished): {args.output_dir}", file=sys.stderr)
         return True

@@ -111,6 +111,25 @@ def test_sigint_during_start_up_leaves_nothing_or_a_resumable_run(sample, tmp_pa
         assert rerun.returncode == 0, rerun.stderr
 
 
+def test_skip_finished_refuses_a_run_trained_with_other_settings(sample, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_domain.main(stage1_args(sample, out, steps=4)) == 0
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    # the same recipe, another machine's paths and switches: skipped
+    same = stage1_args(sample, out, steps=4) + ["--skip_finished", "--eval_batch_size", "3"]
+    assert train_domain.main(same) == 0
+    assert "skipped (finished)" in capsys.readouterr().err
+    # another length or rate: one line naming the folder and what changed, the run untouched
+    other = stage1_args(sample, out, steps=6) + ["--skip_finished", "--learning_rate", "2e-3"]
+    assert train_domain.main(other) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {out} was trained with other settings (learning_rate 0.001 -> "
+                     "0.002, max_steps 4 -> 6); --overwrite retrains it, or choose another "
+                     "--output_dir"]
+    assert (out / "results.json").read_text() == before
+
+
 def test_report_and_launcher_trust_only_the_marker(sample, tmp_path):
     full = tmp_path / "train_domain" / "amazon" / "books" / "seed42"
     assert run_script("train_domain.py", stage1_args(sample, full)).returncode == 0

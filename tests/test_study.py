@@ -100,6 +100,33 @@ def test_launcher_switches_write_where_report_reads(tmp_path):
         assert f"runs/{folder}/seed42" in text
 
 
+def test_fewshot_steps_per_ratio(tmp_path):
+    (tmp_path / "books").mkdir()
+    text = dry_run("train_domain.sh", tmp_path, MODE="fewshot", FEWSHOT_PERCENTS="2 20",
+                   FEWSHOT_STEPS="20:100 2:30")
+    steps = {line.split()[line.split().index("--train_ratio") + 1]:
+             line.split()[line.split().index("--max_steps") + 1]
+             for line in text.splitlines() if line.startswith("train_domain.py")}
+    assert steps == {"0.018": "30", "0.18": "100"}
+
+
+@pytest.mark.parametrize("steps, message", [
+    ("2:30", 'FEWSHOT_STEPS="2:30" has no PERCENT:STEPS pair for 20%'),
+    ("2:30 20:1e2", "steps must be a positive integer, got '1e2'"),
+    ("0", "steps must be a positive integer, got '0'")])
+def test_bad_fewshot_steps_stop_before_any_run(tmp_path, steps, message):
+    (tmp_path / "books").mkdir()
+    result = subprocess.run(
+        ["bash", "train_domain.sh"], capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env=dict(os.environ, PYTHON="echo", TASKS="amazon", AMAZON_DIR=str(tmp_path),
+                 OUT_ROOT=str(tmp_path / "runs"), MODE="fewshot", FEWSHOT_PERCENTS="2 20",
+                 FEWSHOT_STEPS=steps))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()  # one line, naming the variable
+    assert len(lines) == 1 and lines[0].startswith("error: FEWSHOT_STEPS=") and message in lines[0]
+    assert "train_domain.py" not in result.stdout and not (tmp_path / "runs").exists()
+
+
 # report.py: the rows, the paired comparisons, the binomial error, the few-shot plot ----------
 def write_run(path, accuracy, examples=200):
     os.makedirs(path, exist_ok=True)
