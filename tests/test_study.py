@@ -425,21 +425,23 @@ def test_plan_does_not_time_a_students_model_at_a_teachers_pace(tmp_path):
 
 
 # The few-shot length, chosen on dev ----------------------------------------------------------
-def test_tune_fewshot_dry_run_sweeps_steps_on_books_at_the_smallest_ratio(tmp_path):
+def test_tune_fewshot_dry_run_sweeps_steps_on_books_at_every_ratio(tmp_path):
     out = tmp_path / "runs"
-    env = dict(os.environ, OUT_ROOT=str(out), PYTHON="echo", TUNE_FEWSHOT_STEPS="30 100")
+    env = dict(os.environ, OUT_ROOT=str(out), PYTHON="echo")
+    env.pop("FEWSHOT_PERCENTS", None)
     result = subprocess.run(["bash", "reproduce_amazon.sh", "tune_fewshot"], capture_output=True,
                             text=True, cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     commands = [line.split() for line in result.stdout.splitlines()
                 if line.startswith(("train_domain.py", "finetune_domain.py"))]
-    assert [(c[0], c[c.index("--max_steps") + 1]) for c in commands] == [
-        ("train_domain.py", "30"), ("train_domain.py", "100"),
-        ("finetune_domain.py", "30"), ("finetune_domain.py", "100")]
+    ratio = {"0.018": 2, "0.045": 5, "0.09": 10, "0.18": 20}
+    assert [(c[0], ratio[c[c.index("--train_ratio") + 1]], c[c.index("--max_steps") + 1])
+            for c in commands] == [
+        (script, percent, steps) for percent in (2, 5, 10, 20)
+        for script in ("train_domain.py", "finetune_domain.py") for steps in ("30", "100")]
     for command in commands:
         at = command.index("--domain")
         assert command[at + 1] == "books" and command[at + 2].startswith("--")  # books alone
-        assert command[command.index("--train_ratio") + 1] == "0.018"  # 2% of the reviews
         assert "--do_test" not in command  # dev only
         assert "/tune_fewshot/" in command[command.index("--output_dir") + 1]
     # each student distils the teacher linked into its own root
@@ -450,18 +452,25 @@ def test_tune_fewshot_dry_run_sweeps_steps_on_books_at_the_smallest_ratio(tmp_pa
 
 
 def test_real_preset_trains_every_fewshot_run_the_chosen_steps(tmp_path):
-    env = dict(os.environ, OUT_ROOT=str(tmp_path / "runs"), PYTHON="echo", SEEDS="42",
-               FEWSHOT_PERCENTS="2 20")
+    env = dict(os.environ, OUT_ROOT=str(tmp_path / "runs"), PYTHON="echo", SEEDS="42")
     env.pop("FEWSHOT_STEPS", None)
+    env.pop("FEWSHOT_PERCENTS", None)
     result = subprocess.run(["bash", "reproduce_amazon.sh", "fewshot"], capture_output=True,
                             text=True, cwd=ROOT, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     stages = [line.split() for line in result.stdout.splitlines() if "--max_steps" in line]
-    assert len(stages) == 2 * 4
-    steps = {(c[0], c[c.index("--max_steps") + 1]) for c in stages}
-    # stages 1-3 at the 30 steps chosen on books' dev, stage 4 at the 100 chosen on every domain's
-    assert steps == {("train_domain.py", "30"), ("finetune_domain.py", "30"),
-                     ("train_multi_domain.py", "30"), ("finetune_multi_domain.py", "100")}
+    assert len(stages) == 4 * 4
+    ratio = {"0.018": 2, "0.045": 5, "0.09": 10, "0.18": 20}
+    steps = {(c[0], ratio[c[c.index("--train_ratio") + 1]]): int(c[c.index("--max_steps") + 1])
+             for c in stages}
+    # each stage and ratio at the length chosen on dev (books' for stages 1-2, stage 3 taking
+    # stage 1's; every domain's at 2% for stage 4)
+    teachers = {2: 30, 5: 30, 10: 100, 20: 100}
+    students = {2: 30, 5: 100, 10: 100, 20: 100}
+    assert steps == {**{("train_domain.py", p): s for p, s in teachers.items()},
+                     **{("train_multi_domain.py", p): s for p, s in teachers.items()},
+                     **{("finetune_domain.py", p): s for p, s in students.items()},
+                     **{("finetune_multi_domain.py", p): 100 for p in teachers}}
 
 
 def test_tune_fewshot_multi_dry_run_sweeps_stage_4_steps_on_every_domain(tmp_path):
