@@ -320,6 +320,42 @@ def at_chance(values: List[float], sizes: Dict[str, int]) -> bool:
     return se is not None and float(np.mean(values)) - CHANCE < 2 * se
 
 
+def training_steps(root: str, task: str) -> Dict[str, List[int]]:
+    """{method: the distinct --max_steps of its finished runs under ``root``} (config.json;
+    runs whose length the epochs set are left out)."""
+    found: Dict[str, set] = {}
+    for label, template, _ in METHODS:
+        for domain in task_domains(root, task):
+            for run in seed_dirs(os.path.join(root, template.format(task=task, domain=domain))):
+                if _test_accuracy(run, domain) is None:
+                    continue
+                config = utils.read_json(os.path.join(run, "config.json"), None) or {}
+                steps = config.get("args", {}).get("max_steps")
+                if steps:
+                    found.setdefault(label, set()).add(int(steps))
+            if not template.count("{domain}"):
+                break
+    return {label: sorted(steps) for label, steps in found.items()}
+
+
+def steps_footer(root: str, task: str) -> str:
+    """Each few-shot method's training steps per ratio, from the runs themselves: the length a
+    cell was made with (two figures in one cell would say its runs differ)."""
+    per_method: Dict[str, List[str]] = {}
+    folders = fewshot_ratio_dirs(root)
+    by_ratio = [training_steps(folder, task) for folder in folders]
+    for label, _, _ in METHODS:
+        if any(label in steps for steps in by_ratio):
+            per_method[label] = [", ".join(map(str, steps.get(label, []))) or "-"
+                                 for steps in by_ratio]
+    if not per_method:
+        return ""
+    ratios = " / ".join(os.path.basename(folder)[1:] + "%" for folder in folders)
+    lines = [f"- {label}: {' / '.join(cells)}" for label, cells in per_method.items()]
+    return (f"\nTraining steps of each method's runs at {ratios} (config.json):\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def fewshot_table(root: str, task: str):
     """Rows: training-data ratios; columns: methods (average test accuracy over domains); the
     footer gives the test sets' binomial error and marks the cells at chance."""
@@ -345,6 +381,7 @@ def fewshot_table(root: str, task: str):
                   f"test reviews: about ±{typical:.1f} points at 75% (± is the spread over "
                   f"seeds). † within two such errors of chance ({CHANCE:g}%): "
                   f"{utils.plural(chance, 'cell')}.\n")
+    footer += steps_footer(root, task)
     footer += hardware_footer(root, task, fewshot_ratio_dirs(root))
     return header, rows, footer
 

@@ -196,6 +196,23 @@ def test_fewshot_table_marks_the_cells_at_chance(tmp_path):
     assert "over the 800 test reviews: about ±1.5 points at 75%" in footer
     assert "within two such errors of chance (50%): 1 cell." in footer
 
+def test_fewshot_footer_gives_each_methods_steps_per_ratio(tmp_path):
+    for percent, teacher_steps, student_steps in (("2", 30, 30), ("20", 100, None)):
+        for domain in DOMAINS:
+            for seed, steps in ((42, teacher_steps), (43, 60)):
+                run = tmp_path / f"fewshot/p{percent}/train_domain/amazon/{domain}/seed{seed}"
+                write_run(run, 0.7)
+                (run / "config.json").write_text(json.dumps({"args": {"max_steps": steps}}))
+            if student_steps:
+                run = tmp_path / f"fewshot/p{percent}/finetune_domain/amazon/{domain}/seed42"
+                write_run(run, 0.6)
+                (run / "config.json").write_text(json.dumps({"args": {"max_steps": 30}}))
+    _, _, footer = report.fewshot_table(str(tmp_path), "amazon")
+    # seeds trained to other lengths show as two figures in one cell
+    assert "Training steps of each method's runs at 2% / 20% (config.json):" in footer
+    assert "- Single-domain teacher: 30, 60 / 60, 100\n- TinyBERT-KD: 30 / -\n" in footer
+
+
 # plan.py: what is left, and how long it takes at the pace of the finished runs --------------
 def test_plan_counts_what_is_left_and_estimates_it(tmp_path):
     done = tmp_path / "train_domain/amazon/books/seed42"
