@@ -197,7 +197,7 @@ fewshot_steps() {
         if [ "${entry%%:*}" = "$1" ]; then steps=${entry#*:}; fi
       done
       if [ -z "${steps}" ]; then
-        echo "error: FEWSHOT_STEPS=\"${FEWSHOT_STEPS}\" has no PERCENT:STEPS pair for ${1}%" >&2
+        echo "error: FEWSHOT_STEPS=\"${FEWSHOT_STEPS}\" has no PERCENT:STEPS pair for ${1}% (give one for every ratio of FEWSHOT_PERCENTS, or one number for all)" >&2
         return 1
       fi ;;
     *) steps=${FEWSHOT_STEPS} ;;

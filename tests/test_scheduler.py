@@ -212,7 +212,7 @@ def test_reproduce_with_jobs_runs_the_stages_through_the_scheduler(tmp_path, sam
     real.chmod(0o755)
     out = tmp_path / "runs"
     env = dict(os.environ, PYTHON=str(real), OUT_ROOT=str(out), SEEDS="42", JOBS="2",
-               FEWSHOT_PERCENTS="50", AMAZON_DIR=sample["amazon"],
+               FEWSHOT_PERCENTS="50", FEWSHOT_STEPS="2", AMAZON_DIR=sample["amazon"],
                STAND_IN_LOG=str(tmp_path / "started.log"))
     result = subprocess.run(["bash", "reproduce_amazon.sh", "fewshot"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
