@@ -204,25 +204,31 @@ def hardware_of_rows(root: str, task: str) -> Dict[str, Dict[str, List[Optional[
     precision is the resolved --amp, where recorded) and timing.json (seconds of the training
     process; None where it is missing or the run was resumed, so that it timed a part only)."""
     found: Dict[str, Dict[str, List[Optional[float]]]] = {}
+    for label, run in finished_runs(root, task):
+        config = utils.read_json(os.path.join(run, "config.json"), None) or {}
+        results = utils.read_json(os.path.join(run, "results.json"), {}) or {}
+        machine = config.get("machine") or (
+            "scikit-learn on the CPU" if results.get("method", "").startswith("tfidf")
+            else "not recorded")
+        amp = config.get("args", {}).get("amp")
+        if amp:  # what the run computed in: the same CPU gives other figures in bf16
+            machine += f"; {PRECISIONS.get(amp, amp)}"
+        found.setdefault(label, {}).setdefault(machine, []).append(
+            plan.wall_seconds(run, trust_mtime=False))  # a copy's mtime says nothing
+    return found
+
+
+def finished_runs(root: str, task: str):
+    """(method, run folder) of every tested, finished run under ``root``, each folder once
+    (a multi-domain run serves every domain)."""
     domains = task_domains(root, task)
     for label, template, _ in METHODS:
         for domain in domains:
             for run in seed_dirs(os.path.join(root, template.format(task=task, domain=domain))):
-                if _test_accuracy(run, domain) is None:
-                    continue
-                config = utils.read_json(os.path.join(run, "config.json"), None) or {}
-                results = utils.read_json(os.path.join(run, "results.json"), {}) or {}
-                machine = config.get("machine") or (
-                    "scikit-learn on the CPU" if results.get("method", "").startswith("tfidf")
-                    else "not recorded")
-                amp = config.get("args", {}).get("amp")
-                if amp:  # what the run computed in: the same CPU gives other figures in bf16
-                    machine += f"; {PRECISIONS.get(amp, amp)}"
-                found.setdefault(label, {}).setdefault(machine, []).append(
-                    plan.wall_seconds(run, trust_mtime=False))  # a copy's mtime says nothing
+                if _test_accuracy(run, domain) is not None:
+                    yield label, run
             if not template.count("{domain}"):
                 break  # one run folder serves every domain
-    return found
 
 
 def hardware_footer(root: str, task: str, folders: Optional[List[str]] = None) -> str:
@@ -324,17 +330,11 @@ def training_steps(root: str, task: str) -> Dict[str, List[int]]:
     """{method: the distinct --max_steps of its finished runs under ``root``} (config.json;
     runs whose length the epochs set are left out)."""
     found: Dict[str, set] = {}
-    for label, template, _ in METHODS:
-        for domain in task_domains(root, task):
-            for run in seed_dirs(os.path.join(root, template.format(task=task, domain=domain))):
-                if _test_accuracy(run, domain) is None:
-                    continue
-                config = utils.read_json(os.path.join(run, "config.json"), None) or {}
-                steps = config.get("args", {}).get("max_steps")
-                if steps:
-                    found.setdefault(label, set()).add(int(steps))
-            if not template.count("{domain}"):
-                break
+    for label, run in finished_runs(root, task):
+        config = utils.read_json(os.path.join(run, "config.json"), None) or {}
+        steps = config.get("args", {}).get("max_steps")
+        if steps:
+            found.setdefault(label, set()).add(int(steps))
     return {label: sorted(steps) for label, steps in found.items()}
 
 

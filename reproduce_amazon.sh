@@ -32,8 +32,9 @@ usage: bash reproduce_amazon.sh STEP   (the real Amazon reviews, PRESET=real; RE
 
   tune      dev sweeps behind presets/real.sh, books only (no test figures)
   tune_fewshot  dev sweep of the few-shot steps (TUNE_FEWSHOT_STEPS, default "30 100") at
-            each ratio (TUNE_FEWSHOT_PERCENTS, default FEWSHOT_PERCENTS), books: teachers,
-            then students of the best teacher (no test figures)
+            each ratio (TUNE_FEWSHOT_PERCENTS, or one in TUNE_FEWSHOT_PERCENT; default
+            FEWSHOT_PERCENTS), books: teachers, then students of the best teacher (no test
+            figures)
   tune_fewshot_multi  the same for stage 4: one multi-domain teacher at the smallest ratio
             (the preset's few-shot steps), then its students (TUNE_FEWSHOT_VARIANTS, default
             "hrkd no_graph") for each of TUNE_FEWSHOT_STEPS (default "30 100"); dev of every

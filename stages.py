@@ -516,8 +516,7 @@ def recipe_changes(run: RunDir, args) -> List[str]:
     """What the run folder's config.json was trained with that these arguments change
     ("max_steps 30 -> 100"), over the arguments both know, NOT_RECIPE left out."""
     try:
-        with open(run.file(RunDir.CONFIG)) as handle:
-            saved = json.load(handle).get("args", {})
+        saved = (read_json(run.file(RunDir.CONFIG)) or {}).get("args", {})
     except (OSError, ValueError):
         return []  # no readable config: nothing to compare (status() judges the run itself)
     asked = vars(args)

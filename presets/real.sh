@@ -26,8 +26,8 @@
 # every evaluation but the last), so 3 epochs; students 1e-3 over the paper's 10 epochs, best
 # dev at step 450 of 510 (no plateau early enough to stop sooner); 3e-4 tied it on the best
 # checkpoint (one review more, at a single peak at step 150, then 77-79) and 1e-3, the T = 64
-# choice, was kept. Blocks 1 2 and the T = 64 sweeps (5e-5 for teachers, 1e-4 for students, blocks 3 6) were behind there
-# and were not rerun. Stages 3 and 4 take the rates of stages 1 and 2 (same models, same 32
+# choice, was kept. Blocks 1 2 and the T = 64 sweeps (5e-5 for teachers, 1e-4 for students,
+# blocks 3 6) were behind there and were not rerun. Stages 3 and 4 take the rates of stages 1 and 2 (same models, same 32
 # examples per domain and step); the students on the labels alone (DISTILL=0) take the
 # students'. The few-shot ratios train FEWSHOT_STEPS steps, per ratio (PERCENT:STEPS), each
 # stage's the better of 30 and 100 steps on books' dev at every ratio (bash
