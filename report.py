@@ -159,14 +159,16 @@ def binomial_se(accuracy: Dict[str, float], sizes: Dict[str, int]) -> Optional[f
     return 100 * float(np.sqrt(variance)) / len(accuracy)
 
 
+COMPARISON_HEADER = ["Comparison", "seeds", "per-seed difference", "mean ± std",
+                     "paired t-test p", "binomial SE of one average", "verdict"]
+
+
 def comparison_rows(root: str, task: str):
     """The key differences of domain-averaged test accuracy, seed by seed (seeds both methods
     ran), their mean and std, a paired t-test, and the binomial error of one average."""
     from scipy import stats
     by_seed = collect_by_seed(root, task)
     sizes = test_set_sizes(root, task)
-    header = ["Comparison", "seeds", "per-seed difference", "mean ± std", "paired t-test p",
-              "binomial SE of one average", "verdict"]
     rows = []
     for method, against in COMPARISONS:
         mine, theirs = by_seed.get(method, {}), by_seed.get(against, {})
@@ -191,7 +193,7 @@ def comparison_rows(root: str, task: str):
                      " ".join(f"{d:+.1f}" for d in diffs), spread,
                      "-" if p_value is None else f"{p_value:.3f}",
                      "-" if se is None else f"{se:.1f}", verdict])
-    return header, rows
+    return COMPARISON_HEADER, rows
 
 
 # The precision a run computed in, by its resolved --amp (config.json's args.amp).
@@ -306,13 +308,29 @@ def fewshot_ratio_dirs(root: str) -> List[str]:
                   key=lambda p: float(re.sub(r"[^0-9.]", "", os.path.basename(p)) or 0))
 
 
+def ratio_label(folder: str) -> str:
+    """'2%' for a fewshot/p2 folder."""
+    return os.path.basename(folder)[1:] + "%"
+
+
+def fewshot_comparison_rows(root: str, task: str):
+    """The key comparisons at each few-shot ratio, paired by seed as the table's are (those
+    whose two methods both ran at that ratio)."""
+    rows = []
+    for folder in fewshot_ratio_dirs(root):
+        rows += [[ratio_label(folder)] + row for row in comparison_rows(folder, task)[1]]
+    return ["Training data"] + COMPARISON_HEADER, rows
+
+
 def fewshot_results(root: str, task: str) -> Dict[float, Dict[str, List[float]]]:
     """{percent: {method: per-seed averages over domains}} of the fewshot/p<percent> runs."""
     results = {}
     for folder in fewshot_ratio_dirs(root):
         table = collect(folder, task)
         averages = {label: average_over_domains(cells) for label, cells in table.items()}
-        results[float(os.path.basename(folder)[1:])] = {m: v for m, v in averages.items() if v}
+        found = {m: v for m, v in averages.items() if v}
+        if found:  # a ratio with runs of another task only is not this task's
+            results[float(os.path.basename(folder)[1:])] = found
     return results
 
 
@@ -350,7 +368,7 @@ def steps_footer(root: str, task: str) -> str:
                                  for steps in by_ratio]
     if not per_method:
         return ""
-    ratios = " / ".join(os.path.basename(folder)[1:] + "%" for folder in folders)
+    ratios = " / ".join(ratio_label(folder) for folder in folders)
     lines = [f"- {label}: {' / '.join(cells)}" for label, cells in per_method.items()]
     return (f"\nTraining steps of each method's runs at {ratios} (config.json):\n\n"
             + "\n".join(lines) + "\n")
@@ -667,11 +685,11 @@ def report(root: str, out_dir: str, tasks: List[str]) -> str:
     for task in tasks:
         domains = task_domains(root, task)
         table = collect(root, task)
-        if not any(any(cells.values()) for cells in table.values()):
-            continue
-        header, rows = table_rows(table, domains)
-        printed.append(write_table(out_dir, f"results_{task}", header, rows,
-                                   f"{task}: test accuracy (%)", hardware_footer(root, task)))
+        # a study of the few-shot ratios alone still gets its tables
+        if any(any(cells.values()) for cells in table.values()):
+            header, rows = table_rows(table, domains)
+            printed.append(write_table(out_dir, f"results_{task}", header, rows,
+                                       f"{task}: test accuracy (%)", hardware_footer(root, task)))
         comparisons = comparison_rows(root, task)
         if comparisons[1]:
             printed.append(write_table(out_dir, f"comparisons_{task}", *comparisons,
@@ -683,6 +701,11 @@ def report(root: str, out_dir: str, tasks: List[str]) -> str:
             printed.append(write_table(out_dir, f"fewshot_{task}", header, rows,
                                        f"{task}: few-shot, average test accuracy (%)", footer))
             plot_fewshot(root, task, os.path.join(out_dir, f"fewshot_{task}.png"))
+            pairs = fewshot_comparison_rows(root, task)
+            if pairs[1]:
+                printed.append(write_table(out_dir, f"fewshot_comparisons_{task}", *pairs,
+                                           f"{task}: few-shot, differences of average test "
+                                           f"accuracy (points), paired by seed"))
         tradeoff = tradeoff_rows(root, task)
         if tradeoff[1]:
             printed.append(write_table(out_dir, f"tradeoff_{task}", *tradeoff,
