@@ -383,6 +383,8 @@ def fewshot_table(root: str, task: str):
     sizes = test_set_sizes(os.path.join(root, "fewshot"), task)
     methods = [label for label, _, _ in METHODS if any(label in r for r in results.values())]
     header = ["Training data"] + methods
+    # while a study is under way its cells can hold different numbers of seeds: say how many
+    uneven = len({len(v) for by in results.values() for v in by.values() if len(v) > 1}) > 1
     rows, chance = [], 0
     for percent, by_method in results.items():
         row = [f"{percent:g}%"]
@@ -390,12 +392,13 @@ def fewshot_table(root: str, task: str):
             values = by_method.get(method, [])
             flagged = bool(values) and at_chance(values, sizes)
             chance += flagged
-            row.append(format_cell(values) + (" †" if flagged else ""))
+            seeds = f" [{len(values)}]" if uneven and len(values) > 1 else ""
+            row.append(format_cell(values) + seeds + (" †" if flagged else ""))
         rows.append(row)
-    footer = ""
+    footer = "\n[n]: the number of seeds of a cell (the cells differ in it).\n" if uneven else ""
     if sizes:
         typical = binomial_se({d: 75.0 for d in sizes}, sizes)
-        footer = (f"\nBinomial standard error of one run's average over the {sum(sizes.values())} "
+        footer += (f"\nBinomial standard error of one run's average over the {sum(sizes.values())} "
                   f"test reviews: about ±{typical:.1f} points at 75% (± is the spread over "
                   f"seeds). † within two such errors of chance ({CHANCE:g}%): "
                   f"{utils.plural(chance, 'cell')}.\n")

@@ -195,6 +195,12 @@ def test_fewshot_table_marks_the_cells_at_chance(tmp_path):
     assert rows == [["2%", "52.0 ± 0.0 †"], ["10%", "60.0 ± 0.0"]]
     assert "over the 800 test reviews: about ±1.5 points at 75%" in footer
     assert "within two such errors of chance (50%): 1 cell." in footer
+    assert "[n]" not in footer  # every cell has the same seeds
+    for domain in DOMAINS:
+        write_run(tmp_path / f"fewshot/p10/train_domain/amazon/{domain}/seed44", 0.63)
+    _, rows, footer = report.fewshot_table(str(tmp_path), "amazon")
+    assert rows == [["2%", "52.0 ± 0.0 [2] †"], ["10%", "61.0 ± 1.7 [3]"]]
+    assert "[n]: the number of seeds of a cell (the cells differ in it)." in footer
 
 def test_fewshot_comparisons_pair_seeds_at_each_ratio(tmp_path):
     # at 2% HRKD beats multi-domain KD by 2, 3 and 4 points (p = 0.035); at 10% they trade places
