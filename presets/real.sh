@@ -44,6 +44,7 @@
 case "${STAGE_NAME}" in
   train_domain)          : "${LR=1e-4}" "${EPOCHS=3}" ;;
   train_multi_domain)    : "${LR=1e-4}" "${EPOCHS=3}" ;;
+  train_meta_teacher)    : "${LR=1e-4}" "${EPOCHS=3}" ;;   # stage 3's (same model, batches)
   finetune_domain)       : "${LR=1e-3}" "${EPOCHS=10}"
                          : "${FEWSHOT_STEPS=2:30 5:100 10:100 20:100}" ;;
   finetune_multi_domain) : "${LR=1e-3}" "${EPOCHS=10}"
