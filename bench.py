@@ -247,6 +247,9 @@ def run_benchmarks(args) -> dict:
               f"{results['matmul_gflop_per_s']:.0f}: " + ", ".join(
                   f"{name} {100 * timing['fraction_of_matmul_rate']:.0f}%"
                   for name, timing in results["train_step"].items()), file=sys.stderr)
+    if "metakd" in cases:
+        metakd_benchmarks(args, device, teacher_config, student_config, batches, record_pair,
+                          results)
     if "peer" in cases:
         peer_benchmarks(args, device, teacher_config, student_config, batches, record_pair,
                         results)
@@ -372,6 +375,52 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
             / steps["stage4_hrkd_straightforward"]["examples_per_s"])
         print(f"compiled HRKD step vs straightforward: "
               f"{results['compiled_hrkd_speedup_vs_straightforward']:.2f}x", file=sys.stderr)
+
+
+def metakd_benchmarks(args, device, teacher_config, student_config, batches, record_pair,
+                      results):
+    """Meta-KD's stage B against the TinyBERT-KD student it is compared with, both reading
+    cached teacher targets as the runs do: the B1 step (intermediate layers, weighted) and the
+    B2 step (logits only), each timed in alternating rounds with the stage-2 step. Stage B's
+    cost relative to a stage-2 run of --metakd_epochs[2] epochs follows from the two ratios
+    and the epochs of B1 and B2 (--metakd_epochs)."""
+    import metakd
+    width = teacher_config.hidden_size
+    domains = args.domains
+    teacher = objectives.freeze(BertClassifier(teacher_config, 3).to(device), args.amp)
+    teacher_branch = objectives.freeze(metakd.DomainBranch(width, domains)).to(device)
+    student = BertClassifier(student_config, 3, fit_size=width).to(device)
+    student_branch = metakd.DomainBranch(student_config.hidden_size, domains).to(device)
+    cache = tempfile.TemporaryDirectory(prefix="bench-metakd-cache-")
+    targets, indexed = cached_targets([teacher], [[0]], batches[:1],
+                                      student_config.num_hidden_layers, args.amp, device,
+                                      cache.name)
+    weights = torch.rand(args.batch, generator=torch.Generator().manual_seed(0))
+    config = metakd.MetaKDConfig()
+    stage2 = training_step(student, {}, make_kd_loss(teacher, DistillConfig(), targets),
+                           indexed, device, args.amp)
+    b1 = training_step(student, {"domain_branch": student_branch},
+                       metakd.make_intermediate_loss(teacher, teacher_branch, student_branch,
+                                                     weights, 0, config, targets),
+                       indexed, device, args.amp)
+    b2 = training_step(student, {}, metakd.make_prediction_loss(teacher, config, targets),
+                       indexed, device, args.amp)
+    first = record_pair(("metakd_b1_cached", "stage2_tinybert_kd_cached"), (b1, stage2),
+                        args.batch)
+    second = record_pair(("metakd_b2_cached", "stage2_tinybert_kd_cached_again"), (b2, stage2),
+                         args.batch)
+    cache.cleanup()
+    # record_pair's ratio is time(first step) / time(second): B1 (B2) over the stage-2 step
+    b1_epochs, b2_epochs, stage2_epochs = args.metakd_epochs
+    relative = (b1_epochs * first["median"] + b2_epochs * second["median"]) / stage2_epochs
+    results["metakd_b1_vs_stage2_rounds"] = first
+    results["metakd_b2_vs_stage2_rounds"] = second
+    results["metakd_stage_b_vs_stage2"] = {"b1_epochs": b1_epochs, "b2_epochs": b2_epochs,
+                                           "stage2_epochs": stage2_epochs, "ratio": relative}
+    print(f"Meta-KD step / TinyBERT-KD step: B1 {first['median']:.3f}x, B2 "
+          f"{second['median']:.3f}x (medians of {first['rounds']} alternating rounds); stage B "
+          f"of {b1_epochs:g} + {b2_epochs:g} epochs / TinyBERT-KD of {stage2_epochs:g}: "
+          f"{relative:.2f}x", file=sys.stderr)
 
 
 def textbrewer_step(teacher_config, student_config, batch, device, amp: str = "off"):
@@ -542,7 +591,8 @@ def build_parser():
     parser.add_argument("--cases", default="train,inference",
                         help="comma-separated: train (every stage's step), hrkd (only the "
                              "stage-4 pairs), peer (stage 2 against TextBrewer's "
-                             "GeneralDistiller; needs requirements-dev.txt), inference, "
+                             "GeneralDistiller; needs requirements-dev.txt), metakd "
+                             "(Meta-KD's B1 and B2 steps against the stage-2 step), inference, "
                              "deploy (every deployed form at the real and paper sizes on "
                              "real reviews: deploy_bench.py; needs onnxruntime)")
     parser.add_argument("--deploy_texts", type=int, default=200,
@@ -552,6 +602,10 @@ def build_parser():
     parser.add_argument("--deploy_sizes", default="real,paper",
                         help="deploy: the sizes to run (real: MiniLM-6L / 2L-384; paper: "
                              "BERT-base / TinyBERT 4L-312)")
+    parser.add_argument("--metakd_epochs", type=float, nargs=3, default=[5.0, 5.0, 10.0],
+                        metavar=("B1", "B2", "STAGE2"),
+                        help="metakd: the epochs of Meta-KD's B1 and B2 and of the TinyBERT-KD "
+                             "student its cost is compared with (presets/real.sh)")
     parser.add_argument("--out", help="write the JSON here (default: stdout)")
     return parser
 

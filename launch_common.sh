@@ -120,8 +120,14 @@ set_teacher() {
 
 # STUDENT: student and distillation flags of stages 2 and 4 (from the launcher's block).
 set_student() {
+  set_student_checkpoint
   STUDENT=(--hidden_ratio "${HIDDEN_RATIO}" --pred_ratio "${PRED_RATIO}"
-           --temperature "${TEMPERATURE}")
+           --temperature "${TEMPERATURE}" ${STUDENT[@]+"${STUDENT[@]}"})
+}
+# STUDENT: the teacher cache and the student's config and initial weights alone (Meta-KD's
+# stage B, whose loss terms are not TinyBERT's).
+set_student_checkpoint() {
+  STUDENT=()
   if [ -n "${TEACHER_CACHE}" ]; then STUDENT+=(--teacher_cache "${TEACHER_CACHE}"); fi
   if [ -n "${STUDENT_CONFIG}" ]; then STUDENT+=(--student_config "${STUDENT_CONFIG}"); fi
   if [ -n "${STUDENT_INIT}" ]; then STUDENT+=(--student_init "${STUDENT_INIT}"); fi

@@ -25,6 +25,7 @@ and the tests.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import os
@@ -36,8 +37,10 @@ from torch import nn
 
 from data_processing import concat_domain_batches
 from distillation import frozen_teacher_outputs, full_precision, teacher_layer_for
+from modeling import find_weights_file, model_from_checkpoint, read_checkpoint
+from objectives import freeze
 from runtime import to_device, unwrap
-from utils import atomic_torch_save, logger
+from utils import RunDir, atomic_torch_save, logger, run_status
 
 # The meta-teacher's run keeps the instance weights of its training data here; stage B reads
 # them (so it needs neither the prototype encoder nor the other domains' data).
@@ -121,8 +124,9 @@ def instance_weights(encoder: nn.Module, train: Dict[str, Dict[str, torch.Tensor
     from training import weights_digest
     domains = list(train)
     digests = {d: inputs_digest(train[d]) for d in domains}
-    key = hashlib.sha1("|".join([weights_digest(unwrap(encoder)), *domains,
-                                 *digests.values()]).encode()).hexdigest()[:20]
+    model = unwrap(encoder)  # the key: what e_i reads (not the pooler or heads, seeded per run)
+    key = hashlib.sha1("|".join([weights_digest(model.embeddings), weights_digest(model.encoder),
+                                 *domains, *digests.values()]).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, "metakd", f"{key}.pt")
     if os.path.isfile(path):
         try:
@@ -230,6 +234,42 @@ def make_meta_teacher_loss(branch: DomainBranch, weights: Optional[Sequence[torc
                                  batch["labels"], corrupted, t, config.domain_loss_weight)
 
     return compute_loss
+
+
+# --------------------------------------------------------------------------------------------
+# Stage B: the meta-teacher and the two phases' folders
+# --------------------------------------------------------------------------------------------
+def intermediate_args(args) -> argparse.Namespace:
+    """B1's flags: its folder, its length, and whether it continues (--resume, or
+    --skip_finished finding it interrupted; a --resume with nothing to continue fails there as
+    in every stage)."""
+    phase = argparse.Namespace(**vars(args))
+    phase.output_dir = os.path.join(args.output_dir, INTERMEDIATE_DIR)
+    phase.num_train_epochs = args.intermediate_epochs
+    phase.max_steps = args.intermediate_max_steps
+    has_state = os.path.isfile(os.path.join(phase.output_dir, RunDir.LAST))
+    phase.resume = (has_state and (args.resume or args.skip_finished)) or (
+        args.resume and not has_state)
+    return phase
+
+
+def intermediate_finished(args) -> bool:
+    path = os.path.join(args.output_dir, INTERMEDIATE_DIR)
+    return not args.overwrite and run_status(path)["state"] == "finished"
+
+
+def load_meta_teacher(teacher_dir: str, device, amp: str):
+    """The frozen meta-teacher, its frozen domain branch, the task's domains and the file."""
+    path = find_weights_file(teacher_dir)
+    content = read_checkpoint(path)
+    if "domain_branch_state_dict" not in content:
+        raise ValueError(f"{path}: not a meta-teacher (no domain branch); --teacher_dir must be "
+                         f"a train_meta_teacher.py run")
+    teacher = freeze(model_from_checkpoint(path), amp).to(device)
+    state = content["domain_branch_state_dict"]
+    branch = DomainBranch(teacher.config.hidden_size, state["embedding.weight"].shape[0])
+    branch.load_state_dict(state)
+    return teacher, freeze(branch).to(device), list(content["domains"]), path
 
 
 # --------------------------------------------------------------------------------------------

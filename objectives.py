@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,26 @@ from runtime import AMP_DTYPES, unwrap
 from training import weights_digest
 from utils import best_model_name, logger
 
-if TYPE_CHECKING:  # the strategies build on this module (weighting.py imports it)
-    from weighting import DomainWeighting, WeightRecorder
+
+# --------------------------------------------------------------------------------------------
+# What stage 4's loss asks of a domain weighting and of a weight recorder. The strategies
+# (weighting.py) build on this module, so the loss names only these shapes, never them.
+# --------------------------------------------------------------------------------------------
+class StepWeighting(Protocol):
+    """A strategy giving w[l, d] for a step (weighting.DomainWeighting and its registry)."""
+
+    def before_step(self, student, batches, teacher_outs) -> Dict[str, torch.Tensor]:
+        """Work before the student's forward (e.g. a meta step); extra terms to log."""
+
+    def weights(self, student_outs) -> Tuple[torch.Tensor, list]:
+        """w[l, d] (levels, domains) and the hierarchical weights of each level."""
+
+
+class WeightSink(Protocol):
+    """Where the step's weights go between evaluations (weighting.WeightRecorder)."""
+
+    def add(self, weights: torch.Tensor, hierarchy) -> None:
+        """Take one step's weights."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,8 +293,8 @@ def make_multi_domain_ce(graph=None):
     return compute_loss
 
 
-def make_hrkd_loss(teachers, groups, weighting: Optional["DomainWeighting"],
-                   distill: DistillConfig, recorder: Optional["WeightRecorder"] = None,
+def make_hrkd_loss(teachers, groups, weighting: Optional[StepWeighting],
+                   distill: DistillConfig, recorder: Optional[WeightSink] = None,
                    targets=None):
     """Stage 4: every domain's distillation loss, its layer terms weighted by w[l, d] from
     ``weighting`` (None: multi-domain KD, every w = 1). One student forward for all domains.

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 from utils import RunDir, plural, read_json, run_status
 
 STAGE_SCRIPTS = ("train_domain.py", "train_multi_domain.py", "finetune_domain.py",
-                 "finetune_multi_domain.py")
+                 "finetune_multi_domain.py", "train_meta_teacher.py", "finetune_metakd.py")
 
 
 @dataclass

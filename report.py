@@ -9,6 +9,8 @@ Reads the run directories the ``.sh`` launchers write under --runs (default ``ru
     labels_only_multi_domain/<task>/seed<S>/results.json        the same, multi-domain
     finetune_domain/<task>/<domain>/seed<S>/results.json        TinyBERT-KD student
     finetune_multi_domain/<task>/<variant>/seed<S>/results.json multi-domain students
+    train_meta_teacher/<task>/seed<S>/results.json              Meta-KD's meta-teacher
+    finetune_metakd/<task>/<domain>/seed<S>/results.json        Meta-KD student
     tfidf/<task>/<domain>/results.json                          TF-IDF baseline (deterministic)
     fewshot/p<percent>/...                                      the same layout per ratio
 
@@ -49,16 +51,21 @@ SINGLE_TEACHER, MULTI_TEACHER, TINYBERT_KD = ("Single-domain teacher", "Multi-do
                                               "TinyBERT-KD")
 LABELS_ONLY_SINGLE = "Student on the labels alone (single-domain)"
 LABELS_ONLY_MULTI = "Student on the labels alone (multi-domain)"
+MIX_TEACHER = "Mix teacher (pooled domains, one head)"
+META_TEACHER, META_KD = "Meta-teacher (Meta-KD stage A)", "Meta-KD"
 METHODS: List[Tuple[str, str, bool]] = [
     ("TF-IDF + logistic regression", "tfidf/{task}/{domain}", True),
     (SINGLE_TEACHER, "train_domain/{task}/{domain}", True),
     (MULTI_TEACHER, "train_multi_domain/{task}", False),
-    ("Mix teacher (pooled domains, one head)", "train_pooled/{task}", False),
+    (MIX_TEACHER, "train_pooled/{task}", False),
     (LABELS_ONLY_SINGLE, "labels_only_domain/{task}/{domain}", True),
     (LABELS_ONLY_MULTI, "labels_only_multi_domain/{task}", False),
+    (META_TEACHER, "train_meta_teacher/{task}", False),
     (TINYBERT_KD, "finetune_domain/{task}/{domain}", True),
 ] + [(variant.label, f"finetune_multi_domain/{{task}}/{name}", False)
-     for name, variant in VARIANTS.items()]
+     for name, variant in VARIANTS.items()] + [
+    (META_KD, "finetune_metakd/{task}/{domain}", True),
+]
 # Rows shown even when no run exists (the paper's table); the others only when present.
 PAPER_ROWS = {SINGLE_TEACHER, MULTI_TEACHER, TINYBERT_KD} | {
     variant.label for variant in VARIANTS.values() if variant.paper}
@@ -73,6 +80,10 @@ COMPARISONS: List[Tuple[str, str]] = [
     (VARIANTS["hrkd"].label, LABELS_ONLY_MULTI),
     (TINYBERT_KD, SINGLE_TEACHER),
     (VARIANTS["hrkd"].label, MULTI_TEACHER),
+    (VARIANTS["hrkd"].label, META_KD),
+    (META_KD, TINYBERT_KD),
+    (META_KD, META_TEACHER),
+    (META_TEACHER, MIX_TEACHER),
 ]
 
 

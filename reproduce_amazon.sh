@@ -6,7 +6,7 @@
 #   bash reproduce_amazon.sh tune_fewshot  # dev sweep of the few-shot training length
 #   bash reproduce_amazon.sh tune_fewshot_multi  # the same for the multi-domain students
 #   bash reproduce_amazon.sh table     # every row: stages 1-4, the mix teacher, the students on
-#                                      # the labels alone, TF-IDF; report.py
+#                                      # the labels alone, Meta-KD, TF-IDF; report.py
 #   bash reproduce_amazon.sh fewshot   # teachers, TinyBERT-KD, multi-domain KD and HRKD on
 #                                      # FEWSHOT_PERCENTS of the training data
 #   bash reproduce_amazon.sh left      # what table and fewshot still have to run, how long
@@ -40,7 +40,8 @@ usage: bash reproduce_amazon.sh STEP   (the real Amazon reviews, PRESET=real; RE
             "hrkd no_graph") for each of TUNE_FEWSHOT_STEPS (default "30 100"); dev of every
             domain (no test figures)
   table     every row: stages 1-4 (the paper's rows and ablations), the mix teacher (one head
-            on the pooled domains), the students on the labels alone, TF-IDF; report.py
+            on the pooled domains), the students on the labels alone, Meta-KD (its
+            meta-teacher, then a student per domain), TF-IDF; report.py
   fewshot   teachers, TinyBERT-KD, multi-domain KD and HRKD on FEWSHOT_PERCENTS of the
             training reviews (FEWSHOT_STEPS steps, per stage and ratio: presets/real.sh)
   all       table, then fewshot
@@ -164,6 +165,8 @@ table() {
       env DISTILL=0 bash finetune_domain.sh
     timed "stage 4 without a teacher: the multi-domain student on the labels alone" \
       env DISTILL=0 bash finetune_multi_domain.sh
+    timed "Meta-KD stage A: the meta-teacher" bash train_meta_teacher.sh
+    timed "Meta-KD stage B: the students of the meta-teacher" bash finetune_metakd.sh
     timed "TF-IDF + logistic regression" tfidf "${OUT_ROOT}" 0.9
   else
     # the few-shot study's methods: multi-domain KD and HRKD (the table has the ablations)

@@ -42,7 +42,8 @@ from plan import STAGE_SCRIPTS, TEMPLATE_FLAGS, expand_runs, flag_values
 # Relative cost of one optimisation step of each stage at the same batch per domain (a teacher
 # step is 1): only the order of the estimates matters (which chain to start first).
 STEP_COST = {"train_domain.py": 1.0, "finetune_domain.py": 0.7, "train_multi_domain.py": 4.0,
-             "finetune_multi_domain.py": 2.8}
+             "finetune_multi_domain.py": 2.8, "train_meta_teacher.py": 4.0,
+             "finetune_metakd.py": 1.2}  # B1 and B2 (--num_train_epochs counts B2's alone)
 STUDENT_SIZED = 0.35      # stages 1 and 3 with --init_layers: the student trained on labels
 META_VARIANTS = {"hrkd": 1.5, "no_hierarchy": 1.5}  # the graph's meta step on top
 START_COST = 10.0         # a process start, in teacher steps

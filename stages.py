@@ -213,8 +213,9 @@ def add_teacher_args(parser: argparse.ArgumentParser):
     return model
 
 
-def add_student_args(parser: argparse.ArgumentParser):
-    """Student and distillation flags of stages 2 and 4."""
+def add_student_args(parser: argparse.ArgumentParser, ratios: bool = True):
+    """Student and distillation flags of stages 2 and 4 (``ratios``: the weights of TinyBERT's
+    terms and the temperature; Meta-KD's stage B has its own)."""
     group = parser.add_argument_group("student and distillation")
     group.add_argument("--teacher_dir", required=True,
                        help="the teacher's run directory (or a checkpoint file)")
@@ -237,9 +238,10 @@ def add_student_args(parser: argparse.ArgumentParser):
     group.add_argument("--teacher_cache_gb", type=float, default=16.0,
                        help="size budget of the teacher cache; larger targets run the teacher "
                             "in every step instead (logged)")
-    group.add_argument("--hidden_ratio", type=float, default=1.0)
-    group.add_argument("--pred_ratio", type=float, default=1.0)
-    group.add_argument("--temperature", type=float, default=1.0)
+    if ratios:
+        group.add_argument("--hidden_ratio", type=float, default=1.0)
+        group.add_argument("--pred_ratio", type=float, default=1.0)
+        group.add_argument("--temperature", type=float, default=1.0)
     return group
 
 
@@ -477,14 +479,17 @@ def finish_stage(context: StageContext):
 DOMAIN_PATH_FLAGS = ("output_dir", "teacher_dir")
 
 
-def runs_per_domain(args, per_domain: bool) -> List[argparse.Namespace]:
+def runs_per_domain(args, per_domain: bool,
+                    templated: Sequence[str] = DOMAIN_PATH_FLAGS) -> List[argparse.Namespace]:
     """One namespace per --domain, with {domain} in --output_dir / --teacher_dir filled in.
-    Several domains (stages 1-2 only) need the placeholder, checked before anything runs."""
+    Several domains (stages 1-2 only) need the placeholder in each flag of ``templated``
+    (Meta-KD's students share one teacher: only their --output_dir), checked before anything
+    runs."""
     domains = args.domain or [None]  # None: the task's fit domain (stages 3-4)
     if len(domains) > 1:
         if not per_domain:
             raise ValueError(f"--domain is the fit domain here: give one, got {len(domains)}")
-        for flag in DOMAIN_PATH_FLAGS:
+        for flag in templated:
             value = getattr(args, flag, None)
             if value is not None and "{domain}" not in value:
                 raise ValueError(f"--{flag} must contain {{domain}} when several domains are "
@@ -529,6 +534,15 @@ def _json_value(value):
     return json.loads(json.dumps(value))
 
 
+def refuse_changed_recipe(run: RunDir, args):
+    """One line naming the folder and what changed when its config.json holds other training
+    settings than ``args``."""
+    changes = recipe_changes(run, args)
+    if changes:
+        raise ValueError(f"{run.path} was trained with other settings ({', '.join(changes)}); "
+                         f"--overwrite retrains it, or choose another --output_dir")
+
+
 def skip_or_resume(args) -> bool:
     """--skip_finished: True when the run already finished (leave it alone); an interrupted
     run with a resume state is continued (--resume); anything else runs as usual. A finished
@@ -539,11 +553,7 @@ def skip_or_resume(args) -> bool:
     run = RunDir(args.output_dir)
     status = run.status(need_test=args.do_test)
     if status["state"] == "finished" or os.path.isfile(run.file(RunDir.LAST)):
-        changes = recipe_changes(run, args)
-        if changes:
-            raise ValueError(f"{args.output_dir} was trained with other settings "
-                             f"({', '.join(changes)}); --overwrite retrains it, or choose "
-                             "another --output_dir")
+        refuse_changed_recipe(run, args)
     if status["state"] == "finished":
         print(f"skipped (finished): {args.output_dir}", file=sys.stderr)
         return True
@@ -576,7 +586,8 @@ def runs_per_variant(parser: argparse.ArgumentParser, argv: List[str], args,
 
 def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
                run: Callable[[argparse.Namespace], None], argv=None,
-               per_domain: bool = False, variants: Optional[Dict[str, str]] = None) -> int:
+               per_domain: bool = False, variants: Optional[Dict[str, str]] = None,
+               templated: Sequence[str] = DOMAIN_PATH_FLAGS) -> int:
     """The entry point: parse, then run once per domain (stages 1-2 may take several) or per
     variant (stage 4), saving a process start and the imports per run, stopping at the first
     failure. SIGINT and SIGTERM stop the run cleanly (training.train saves the resume state at
@@ -587,7 +598,7 @@ def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
     try:
         def run_all():
             every = [one for per_variant in runs_per_variant(parser, argv, args, variants)
-                     for one in runs_per_domain(per_variant, per_domain)]
+                     for one in runs_per_domain(per_variant, per_domain, templated)]
             for one in every:
                 if skip_or_resume(one):
                     continue

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 logger = logging.getLogger("hrkd")
 
@@ -379,9 +379,11 @@ class RunDir:
     CONFIG, RESULTS, LAST = "config.json", "results.json", "last_checkpoint.pt"
     TIMING = "timing.json"  # how long the training process took (PROVENANCE_FILES)
 
-    def __init__(self, path: str, is_main: bool = True):
+    def __init__(self, path: str, is_main: bool = True, nested: Sequence[str] = ()):
         self.path = path
         self.is_main = is_main
+        # sub-folders that are runs of their own (Meta-KD's first phase): not this run's files
+        self.nested = tuple(nested)
         self.created = False  # by this process (so a run stopped before starting leaves nothing)
         self.lock: Optional[RunLock] = None
         self.training_since: Optional[float] = None  # time.monotonic() at write_config
@@ -396,12 +398,13 @@ class RunDir:
     def _contents(self) -> List[str]:
         if not os.path.isdir(self.path):
             return []
-        return [name for name in os.listdir(self.path) if name != RunLock.NAME]
+        return [name for name in os.listdir(self.path)
+                if name != RunLock.NAME and name not in self.nested]
 
     def take_lock(self):
         """Rank 0 locks the directory (refusing if another process holds it)."""
         if self.is_main and self.lock is None:
-            if not os.path.isdir(self.path):
+            if not os.path.isdir(self.path) or (self.nested and not self._contents()):
                 self.created = True
             self.lock = RunLock(self.path).acquire()
 
@@ -443,7 +446,13 @@ class RunDir:
         nothing behind (a rerun is then not blocked by a folder --resume cannot continue)."""
         if self.is_main and self.created and not os.path.isfile(self.file(self.LAST)):
             self.release_lock()
-            shutil.rmtree(self.path, ignore_errors=True)
+            if self.nested:  # the nested runs stay (they have their own resume state)
+                for name in self._contents():
+                    target = self.file(name)
+                    shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) \
+                        else os.remove(target)
+            else:
+                shutil.rmtree(self.path, ignore_errors=True)
             self.created = False
 
     def release_lock(self):

@@ -7,7 +7,8 @@ import sys
 
 from conftest import ROOT
 
-STAGE_SCRIPTS = {"train_domain", "finetune_domain", "train_multi_domain", "finetune_multi_domain"}
+STAGE_SCRIPTS = {"train_domain", "finetune_domain", "train_multi_domain", "finetune_multi_domain",
+                 "train_meta_teacher", "finetune_metakd"}
 MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
 
 
@@ -18,6 +19,19 @@ def imported_modules(path):
             yield from (alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             yield node.module.split(".")[0]
+
+
+def project_imports(module):
+    """The project modules ``module`` imports anywhere in its text (type-only imports too)."""
+    return set(imported_modules(os.path.join(ROOT, module + ".py"))) & set(MODULES)
+
+
+def test_no_import_circle_not_even_for_types():
+    """No two library modules import each other, not even under TYPE_CHECKING: the lower module
+    names what it needs of the higher one by a Protocol (objectives.StepWeighting)."""
+    circles = sorted({tuple(sorted((a, b))) for a in MODULES for b in project_imports(a)
+                      if a != b and a in project_imports(b)})
+    assert not circles, circles
 
 
 def test_no_module_or_tool_imports_a_stage_script():

@@ -412,7 +412,8 @@ def test_output_dir_that_is_a_file_is_one_line(sample, tmp_path):
 
 # 11: --help shows every default once --------------------------------------------------------------
 @pytest.mark.parametrize("script", ["train_domain", "finetune_domain", "train_multi_domain",
-                                    "finetune_multi_domain", "export", "predict", "report"])
+                                    "finetune_multi_domain", "train_meta_teacher",
+                                    "finetune_metakd", "export", "predict", "report"])
 def test_help_shows_each_default_once(script, capsys):
     module = __import__(script)
     parser = module.build_parser() if hasattr(module, "build_parser") else None
