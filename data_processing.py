@@ -373,19 +373,25 @@ def read_texts(path: str) -> List[Tuple[str, Optional[str]]]:
     sentence2; a label column is ignored), Amazon .review files by their review texts, and
     anything else as plain text, one example a line (a tab separating a pair's texts)."""
     if path.endswith(TABLE_EXTENSIONS):
-        return [(text, pair) for text, pair, _, _ in read_table(path, need_label=False)]
+        return [(text, pair) if (text or "").strip() else None
+                for text, pair, _, _ in read_table(path, need_label=False)]
     if path.endswith(".review"):
         return [(text, None) for text in AmazonProcessor.read_review_file(path)]
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        return plain_text_examples(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return plain_text_examples(handle)
+    except UnicodeDecodeError:
+        raise DataError(first_invalid_utf8(path)) from None
 
 
-def plain_text_examples(lines) -> List[Tuple[str, Optional[str]]]:
-    """One example a line; a tab separates a pair's two texts; blank lines are skipped."""
+def plain_text_examples(lines) -> List[Optional[Tuple[str, Optional[str]]]]:
+    """One example a line; a tab separates a pair's two texts. A blank line is None: an empty
+    row in a prediction's output, so that output row i is always input line i."""
     examples = []
     for line in lines:
         line = line.rstrip("\n").rstrip("\r")
         if not line.strip():
+            examples.append(None)
             continue
         first, _, second = line.partition("\t")
         examples.append((first, second or None))
@@ -418,9 +424,19 @@ def _delimited_rows(path: str, handle, need_label: bool = True):
             continue
         if len(row) != len(header):
             raise DataError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-        rows.append((row[index[text]], row[index[pair]] if pair else None,
-                     None if label is None else row[label].strip(), line))
+        rows.append(_checked_row(path, line, row[index[text]], row[index[pair]] if pair else None,
+                                 None if label is None else row[label].strip(), need_label))
     return rows
+
+
+def _checked_row(path: str, line: int, text, pair, label, need_label: bool):
+    """A training or test row must have a text and a label: an empty cell is an error naming
+    the file and line (it would otherwise be an empty input, or a new class named '')."""
+    if need_label and not (label or "").strip():
+        raise DataError(f"{path}:{line}: empty label")
+    if need_label and not (text or "").strip():
+        raise DataError(f"{path}:{line}: empty text")
+    return text, pair, label, line
 
 
 def _jsonl_rows(path: str, handle, need_label: bool = True):
@@ -436,9 +452,10 @@ def _jsonl_rows(path: str, handle, need_label: bool = True):
             raise DataError(f"{path}:{line}: expected a JSON object per line")
         text, pair = _columns(path, list(record), str(line), need_label)
         label = record.get(CustomProcessor.LABEL)
-        rows.append((str(record[text]), None if pair is None or record[pair] is None
-                     else str(record[pair]), None if label is None else str(label).strip(),
-                     line))
+        rows.append(_checked_row(
+            path, line, "" if record[text] is None else str(record[text]),
+            None if pair is None or record[pair] is None else str(record[pair]),
+            None if label is None else str(label).strip(), need_label))
     return rows
 
 

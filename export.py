@@ -108,8 +108,9 @@ def export_one(checkpoint: str, domain: Optional[str], out_dir: str, vocab_file:
             raise ValueError(f"{checkpoint}: no domain '{domain}' (has {', '.join(domains)})")
         head = domains.index(domain)
     os.makedirs(out_dir, exist_ok=True)
-    save_file(hf_state_dict(model, head), os.path.join(out_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    weights = hf_state_dict(model, head)
+    utils.atomic_write_with(os.path.join(out_dir, "model.safetensors"),
+                            lambda path: save_file(weights, path, metadata={"format": "pt"}))
     config = hf_config(model, labels, lowercase)
     config["hrkd_source"] = {"checkpoint": os.path.abspath(checkpoint), "domain": domain,
                              "task": content.get("task")}

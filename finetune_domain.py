@@ -19,7 +19,8 @@ import sys
 
 import stages
 from modeling import find_weights_file, model_from_checkpoint
-from objectives import DistillConfig, build_student, freeze, make_kd_loss
+from objectives import (DistillConfig, build_student, check_teacher_labels, freeze,
+                        make_kd_loss)
 from teacher_cache import TeacherTargets
 
 
@@ -34,6 +35,7 @@ def run(args):
     if args.do_train:
         teacher_file = find_weights_file(args.teacher_dir)
         teacher = freeze(model_from_checkpoint(teacher_file), args.amp).to(context.dist.device)
+        check_teacher_labels(teacher, context.labels, teacher_file)
         student = build_student(args.student_config, args.student_init, args.student_init_layers,
                                 len(context.tokenizer), len(context.labels), teacher.config,
                                 args.max_seq_length)

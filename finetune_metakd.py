@@ -35,7 +35,7 @@ from metakd import (INTERMEDIATE_DIR, DomainBranch, MetaKDConfig, intermediate_a
                     intermediate_finished, load_meta_teacher, make_intermediate_loss,
                     make_prediction_loss, read_instance_weights)
 from modeling import safe_torch_load
-from objectives import build_student
+from objectives import build_student, check_teacher_labels
 from teacher_cache import TeacherTargets
 from utils import RunDir, logger
 
@@ -78,6 +78,7 @@ def run(args):
         if args.domain not in domains:
             raise ValueError(f"{teacher_file}: the meta-teacher knows domains "
                              f"{', '.join(domains)}, not '{args.domain}'")
+        check_teacher_labels(teacher, context.labels, teacher_file)
         train = stages.split_of(context.features, "train")[args.domain]
         weights = read_instance_weights(args.teacher_dir, args.domain, train)
         student = build_student(args.student_config, args.student_init, args.student_init_layers,

@@ -30,8 +30,8 @@ import os
 import sys
 
 import stages
-from objectives import (DistillConfig, build_student, load_teachers, make_hrkd_loss,
-                        teacher_checkpoints)
+from objectives import (DistillConfig, build_student, check_teacher_labels, load_teachers,
+                        make_hrkd_loss, teacher_checkpoints)
 from teacher_cache import TeacherTargets
 from utils import logger
 from variants import VARIANTS
@@ -108,6 +108,7 @@ def run(args):
         teachers, groups = load_teachers(paths, device, args.amp)
         logger.info("%d distinct teacher(s) for %d domains: %s", len(teachers), len(domains),
                     "; ".join(",".join(domains[d] for d in g) for g in groups))
+        check_teacher_labels(teachers[0], context.labels, paths[0])
         teacher_config = teachers[0].config
         student = build_student(args.student_config, args.student_init, args.student_init_layers,
                                 len(context.tokenizer), len(context.labels), teacher_config,

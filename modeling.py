@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -609,13 +609,40 @@ def load_weights(model: nn.Module, path: str, log: Optional[logging.Logger] = No
     return {k: v for k, v in content.items() if k != "state_dict"}
 
 
+def exported_model(folder: str) -> Tuple[BertClassifier, List[str]]:
+    """A folder written by export.py (a Hugging Face BertForSequenceClassification: config.json
+    with the label names, model.safetensors) as our model, and its label names."""
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as handle:
+        config = json.load(handle)
+    id2label = config.get("id2label") or {}
+    labels = [id2label[str(i)] for i in range(len(id2label))]
+    model = BertClassifier(BertConfig.from_dict(config), len(labels))
+    load_weights(model, folder, keep_head=True)
+    return model, labels
+
+
+def is_exported_folder(path: str) -> bool:
+    """A Hugging Face classifier folder (export.py's): config.json with label names."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file, encoding="utf-8") as handle:
+        return bool(json.load(handle).get("id2label"))
+
+
 def model_from_checkpoint(path: str, map_location="cpu") -> BertClassifier:
-    """Rebuild a model saved by this project (config and model_args stored with the weights)."""
+    """Rebuild a model saved by this project (config and model_args stored with the weights),
+    or the classifier of an exported folder (export.py: a Hugging Face folder)."""
     weights_file = find_weights_file(path)
     content = read_checkpoint(weights_file)
     if "config" not in content or "model_args" not in content:
-        raise CheckpointError(f"{weights_file}: no config stored; build the model and use "
-                              f"load_weights instead")
+        folder = os.path.dirname(weights_file)
+        if is_exported_folder(folder):
+            return exported_model(folder)[0].to(map_location)
+        raise CheckpointError(f"{weights_file}: no model config stored with the weights and no "
+                              f"classifier config.json beside them: give a run directory of "
+                              f"this project, its best_model.bin, or a folder written by "
+                              f"export.py")
     model = build_model(BertConfig.from_dict(content["config"]), content["model_args"])
     load_weights(model, weights_file)
     return model.to(map_location)

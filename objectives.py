@@ -29,8 +29,8 @@ from torch import nn
 from data_processing import concat_domain_batches
 from distillation import (frozen_teacher_outputs, hrkd_loss, teacher_layer_for,
                           tinybert_kd_loss)
-from modeling import (BertClassifier, check_sequence_length, config_source, load_weights,
-                      model_from_checkpoint, resolve_config, split_output)
+from modeling import (BertClassifier, check_sequence_length, config_source, is_exported_folder,
+                      load_weights, model_from_checkpoint, resolve_config, split_output)
 from runtime import AMP_DTYPES, unwrap
 from training import weights_digest
 from utils import best_model_name, logger
@@ -145,6 +145,15 @@ def check_heads(student_config, teacher_config):
             f"{teacher_config.num_attention_heads} and whose width it divides)")
 
 
+def check_teacher_labels(teacher, labels: Sequence[str], path: str):
+    """The teacher's head must score the task's labels (an exported folder of another task,
+    say, would not)."""
+    if teacher.num_labels != len(labels):
+        raise ValueError(f"{path}: the teacher scores {teacher.num_labels} labels, this task "
+                         f"has {len(labels)} ({', '.join(labels)}): distil a teacher of this "
+                         f"task")
+
+
 def check_layer_ratio(student_layers: int, teacher_layers: int, blocks=None):
     """The uniform layer map needs L_s to divide L_t; say which student sizes would work."""
     if blocks and len(blocks) != student_layers:
@@ -189,6 +198,10 @@ def teacher_checkpoints(teacher_dir: str, domains: List[str]) -> List[str]:
     """best_model_<domain>.bin of every domain; one error naming every missing domain."""
     if not os.path.isdir(teacher_dir):
         raise FileNotFoundError(f"{teacher_dir}: teacher run directory not found")
+    if is_exported_folder(teacher_dir):
+        raise ValueError(f"{teacher_dir}: an exported one-domain model; stage 4 distils a "
+                         f"multi-domain teacher: give its stage-3 run directory "
+                         f"(train_multi_domain.py)")
     paths = [os.path.join(teacher_dir, best_model_name(domain)) for domain in domains]
     missing = [d for d, p in zip(domains, paths) if not os.path.isfile(p)]
     if missing:

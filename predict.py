@@ -8,7 +8,9 @@ Reads  the model: a run directory (its best checkpoint, or the one best on --dom
        text_pair or sentence2; a label column is ignored), .review files by their reviews,
        anything else one example per line.
 Writes TSV (text, label, one probability column per label) or JSON lines to standard output
-       (or --out), in input order; a progress bar on standard error for large inputs.
+       (or --out), in input order, one row per input row (a blank input line gives an empty
+       row; a byte that is not UTF-8 is an error naming its line); a progress bar on standard
+       error for large inputs.
 
     python predict.py runs/finetune_domain/amazon/books/seed42 "A gripping story." "Dull."
     python predict.py hf/books --file reviews.txt --format jsonl --out predictions.jsonl
@@ -28,8 +30,7 @@ import utils
 from data_processing import plain_text_examples, read_texts
 from tokenization import WordPieceTokenizer
 from export import checkpoint_for, run_settings
-from modeling import (BertClassifier, BertConfig, load_weights, model_from_checkpoint,
-                      read_checkpoint)
+from modeling import exported_model, model_from_checkpoint, read_checkpoint
 
 PROGRESS_THRESHOLD = 1000  # examples; fewer finish before a bar would help
 
@@ -104,10 +105,7 @@ class Predictor:
 
     def _load_exported(self, folder: str):
         config = utils.read_json(os.path.join(folder, "config.json"))
-        id2label = config.get("id2label") or {}
-        self.labels = [id2label[str(i)] for i in range(len(id2label))]
-        self.model = BertClassifier(BertConfig.from_dict(config), len(self.labels))
-        load_weights(self.model, folder, keep_head=True)
+        self.model, self.labels = exported_model(folder)
         self.head = None
         self.tokenizer = WordPieceTokenizer(os.path.join(folder, "vocab.txt"),
                                             lowercase=config.get("do_lower_case", True))
@@ -157,16 +155,42 @@ class Predictor:
         return torch.cat(chunks) if chunks else torch.zeros(0, len(self.labels))
 
 
-def read_examples(lines: Iterable[str]) -> List[Tuple[str, Optional[str]]]:
-    """Arguments or standard input: one example a line, a tab separating a pair's texts."""
+def read_examples(lines: Iterable[str]) -> List[Optional[Tuple[str, Optional[str]]]]:
+    """Arguments or standard input: one example a line, a tab separating a pair's texts (a
+    blank line: None, an empty output row)."""
     return plain_text_examples(lines)
+
+
+def read_stdin() -> List[Optional[Tuple[str, Optional[str]]]]:
+    """Standard input, strictly UTF-8: a bad byte is named with its line, as in a file."""
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"standard input:{line}: byte 0x{data[err.start]:02x} is not UTF-8 "
+                         f"(convert the input to UTF-8)") from None
+    return read_examples(text.splitlines())
+
+
+def predict_rows(predictor, examples, batch_size: int) -> List[Optional[List[float]]]:
+    """Probabilities of every example, None for the blank ones (not run through the model)."""
+    present = [e for e in examples if e is not None]
+    probabilities = iter(predictor.predict(present, batch_size,
+                                           progress=len(present) >= PROGRESS_THRESHOLD).tolist())
+    return [None if e is None else next(probabilities) for e in examples]
 
 
 def format_rows(examples, probabilities, labels, fmt: str) -> List[str]:
     rows = []
     if fmt == "tsv":
         rows.append("\t".join(["text", "text_b", "label"] + [f"p_{l}" for l in labels]))
-    for (first, second), probs in zip(examples, probabilities.tolist()):
+    for example, probs in zip(examples, probabilities):
+        if example is None:  # a blank input line: an empty row keeps the rows aligned
+            rows.append(json.dumps({"text": "", "label": None, "probabilities": None})
+                        if fmt == "jsonl" else "\t" * (2 + len(labels)))
+            continue
+        first, second = example
         label = labels[max(range(len(probs)), key=probs.__getitem__)]
         if fmt == "jsonl":
             record = {"text": first, "label": label,
@@ -214,11 +238,10 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"{args.file}: input file not found")
             examples = read_texts(args.file)
         else:
-            examples = read_examples(sys.stdin)
+            examples = read_stdin()
         predictor = Predictor(args.model, args.domain, args.max_seq_length, args.device,
                               args.backend, args.int8)
-        probabilities = predictor.predict(examples, args.batch_size,
-                                          progress=len(examples) >= PROGRESS_THRESHOLD)
+        probabilities = predict_rows(predictor, examples, args.batch_size)
         text = "\n".join(format_rows(examples, probabilities, predictor.labels, args.format))
         if args.out:
             utils.atomic_write_text(args.out, text + "\n")

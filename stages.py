@@ -68,7 +68,9 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
     data.add_argument("--cache_dir", default=None,
                       help="feature cache (default: $HRKD_CACHE_DIR, else ~/.cache/hrkd; never "
                            "the data folder, which may be read-only)")
-    data.add_argument("--no_lowercase", dest="lowercase", action="store_false")
+    data.add_argument("--no_lowercase", dest="lowercase", action="store_false",
+                      help="keep the text's case (by default it is lowercased, as the uncased "
+                           "BERT vocabularies expect; a cased vocabulary wants this flag)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--batch_size", type=int, default=batch_size,
@@ -250,9 +252,22 @@ def teacher_vocab(args) -> str:
     return default_vocab(args, args.init_checkpoint)
 
 
+def check_teacher_dir(path: str):
+    """A missing or empty --teacher_dir is named as the teacher (not as a vocabulary or a
+    weights file that would be looked for in it next)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--teacher_dir {path}: no such teacher (give the teacher's run "
+                                f"directory, a checkpoint file, or a folder written by "
+                                f"export.py; train the teacher first)")
+    if os.path.isdir(path) and not os.listdir(path):
+        raise FileNotFoundError(f"--teacher_dir {path}: an empty folder, not a teacher (its "
+                                f"run has not written anything yet: train or resume it first)")
+
+
 def student_vocab(args) -> str:
     """Stages 2 and 4: --vocab_file, else the student's initial checkpoint's, else the
     teacher run's."""
+    check_teacher_dir(args.teacher_dir)
     if args.vocab_file or args.student_init:
         return default_vocab(args, args.student_init)
     teacher = args.teacher_dir
@@ -584,6 +599,21 @@ def runs_per_variant(parser: argparse.ArgumentParser, argv: List[str], args,
     return runs
 
 
+def read_every_domain(runs: Sequence[argparse.Namespace]):
+    """Read (not tokenize) the data of every run a process will train, before the first one
+    starts: a bad file in the last domain of --domain a b c stops it in seconds, before anything
+    is written, instead of after the first domains trained."""
+    from data_processing import get_processor
+    seen = set()
+    for one in runs:
+        key = (one.task, one.data_dir, one.domain, one.train_ratio, one.dev_ratio, one.data_seed)
+        if one.domain is None or key in seen:
+            continue
+        seen.add(key)
+        get_processor(one.task, one.data_dir).read_splits(
+            one.data_dir, one.domain, one.train_ratio, one.dev_ratio, one.data_seed)
+
+
 def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
                run: Callable[[argparse.Namespace], None], argv=None,
                per_domain: bool = False, variants: Optional[Dict[str, str]] = None,
@@ -599,6 +629,8 @@ def stage_main(build_parser: Callable[[], argparse.ArgumentParser],
         def run_all():
             every = [one for per_variant in runs_per_variant(parser, argv, args, variants)
                      for one in runs_per_domain(per_variant, per_domain, templated)]
+            if len(every) > 1:
+                read_every_domain(every)
             for one in every:
                 if skip_or_resume(one):
                     continue

@@ -63,6 +63,13 @@ def _atomic_path(path: str):
             os.remove(temporary)
 
 
+def atomic_write_with(path: str, write: Callable[[str], None]):
+    """``write(temporary_path)`` then rename: for writers of their own (safetensors), which
+    thereby also get the file mode every other file gets (safetensors alone writes 0600)."""
+    with _atomic_path(path) as temporary:
+        write(temporary)
+
+
 def atomic_torch_save(obj, path: str):
     import torch  # here, so that tools writing only text and JSON never import torch
     with _atomic_path(path) as temporary:
@@ -503,7 +510,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     without a help text get a line for their default too."""
 
     def _format_action(self, action):
-        if not action.help and action.option_strings and (
+        # an on/off flag's default (True for a --no_x flag) would read as "this flag is on"
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if not action.help and action.option_strings and not switch and (
                 action.required or action.default not in (None, argparse.SUPPRESS)):
             import copy
             action = copy.copy(action)

@@ -430,6 +430,12 @@ def test_help_shows_each_default_once(script, capsys):
                 assert "default" in formatted.lower(), action.option_strings
     flat = re.sub(r"\s+", " ", text)
     assert not re.search(r"\(default: [^)]*\) \(default:", flat), flat
+    # a --no_x flag never reads "(default: True)" (as if it were on); it says what it does
+    assert not re.search(r"--no_\w+ \(default: (True|False)\)", flat), flat
+    if parser is not None:
+        for action in parser._actions:
+            if any(o.startswith("--no_") for o in action.option_strings):
+                assert action.help, action.option_strings
     assert "default: None" not in flat
     if script in ("train_domain", "finetune_multi_domain"):
         assert "tiny_teacher" in flat  # --model_config / --student_config list the presets
