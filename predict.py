@@ -163,6 +163,8 @@ def read_examples(lines: Iterable[str]) -> List[Optional[Tuple[str, Optional[str
 
 def read_stdin() -> List[Optional[Tuple[str, Optional[str]]]]:
     """Standard input, strictly UTF-8: a bad byte is named with its line, as in a file."""
+    if not hasattr(sys.stdin, "buffer"):  # already text (a caller's own stream)
+        return read_examples(sys.stdin.read().splitlines())
     data = sys.stdin.buffer.read()
     try:
         text = data.decode("utf-8")
