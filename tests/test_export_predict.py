@@ -103,6 +103,7 @@ def test_predict_tsv_from_file_with_pairs(runs, tmp_path, capsys):
     assert predict.main([str(runs / "single"), "--file", str(path), "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert lines[0] == "text\ttext_b\tlabel\tp_negative\tp_positive"
-    assert lines[1].startswith("first text\tsecond text\t") and len(lines) == 3
+    assert lines[1].startswith("first text\tsecond text\t") and len(lines) == 4
+    assert lines[2] == "\t\t\t\t" and lines[3].startswith("only one\t")  # the blank line's row
     assert predict.main([str(runs / "single"), "--file", str(tmp_path / "none.txt")]) == 1
     assert "none.txt: input file not found" in capsys.readouterr().err
