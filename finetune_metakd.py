@@ -98,7 +98,7 @@ def run(args):
         phase, since = intermediate_args(args), None
         if not intermediate_finished(args):
             if phase.resume:  # B2's folder, which skip_or_resume checks, has no config yet
-                stages.refuse_changed_recipe(RunDir(phase.output_dir), phase)
+                stages.refuse_changed_recipe(RunDir(phase.output_dir), phase, resumable=True)
             b1 = dataclasses.replace(context, args=phase, run_dir=RunDir(
                 phase.output_dir, context.dist.is_main), trained=None)
             logger.info("Meta-KD B1 (intermediate layers); its dev accuracy is that of an "

@@ -118,8 +118,8 @@ def wall_seconds(run_dir: str, trust_mtime: bool = True) -> Optional[float]:
     config = read_json(os.path.join(run_dir, RunDir.CONFIG), {}) or {}
     results = os.path.join(run_dir, RunDir.RESULTS)
     finished = (read_json(results, {}) or {}).get("finished") or {}
-    if (not config.get("started") or not finished
-            or os.path.isfile(os.path.join(run_dir, "config_resumed.json"))):
+    if (not config.get("started") or not finished or config.get("resumes")
+            or os.path.isfile(os.path.join(run_dir, "config_resumed.json"))):  # older runs
         return None
     end = datetime.datetime.fromtimestamp(os.path.getmtime(results))
     seconds = (end - datetime.datetime.fromisoformat(config["started"])).total_seconds()

@@ -113,6 +113,11 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
     run.add_argument("--skip_finished", action="store_true",
                      help="leave a finished run alone and resume an interrupted one (what a "
                           "study spanning several sessions runs with)")
+    run.add_argument("--allow_changed_settings", action="store_true",
+                     help="resume a run although its config.json holds other training "
+                          "settings than these flags (learning rate, steps, batch size, ...); "
+                          "without it such a resume is refused, naming what changed; the "
+                          "changes are recorded in config.json's resumes")
     run.add_argument("--no_progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -528,6 +533,7 @@ def runs_per_domain(args, per_domain: bool,
 # multi-domain stages keep their first domain there).
 NOT_RECIPE = {"amp", "amp_requested", "cache_dir", "compile", "compile_backend", "compile_mode",
               "no_progress", "output_dir", "overwrite", "resume", "skip_finished", "do_train",
+              "allow_changed_settings", "changed_settings",
               "do_test", "teacher_cache", "teacher_cache_gb", "eval_batch_size", "data_dir",
               "init_checkpoint", "student_init", "teacher_dir", "vocab_file", "domain"}
 
@@ -549,13 +555,21 @@ def _json_value(value):
     return json.loads(json.dumps(value))
 
 
-def refuse_changed_recipe(run: RunDir, args):
+def refuse_changed_recipe(run: RunDir, args, resumable: bool = False):
     """One line naming the folder and what changed when its config.json holds other training
-    settings than ``args``."""
+    settings than ``args``; a run to be resumed (``resumable``) continues with them under
+    --allow_changed_settings (args.changed_settings: what changed, for its config.json)."""
     changes = recipe_changes(run, args)
-    if changes:
-        raise ValueError(f"{run.path} was trained with other settings ({', '.join(changes)}); "
-                         f"--overwrite retrains it, or choose another --output_dir")
+    if not changes:
+        return
+    if resumable and getattr(args, "allow_changed_settings", False):
+        logger.warning("%s: resumed with changed settings: %s", run.path, ", ".join(changes))
+        args.changed_settings = changes
+        return
+    fix = ("--allow_changed_settings continues it with the new ones, --overwrite retrains it"
+           if resumable else "--overwrite retrains it")
+    raise ValueError(f"{run.path} was trained with other settings ({', '.join(changes)}); "
+                     f"{fix}, or choose another --output_dir")
 
 
 def skip_or_resume(args) -> bool:
@@ -563,12 +577,15 @@ def skip_or_resume(args) -> bool:
     run with a resume state is continued (--resume); anything else runs as usual. A finished
     or interrupted run made with another recipe (config.json) is an error, not a silent skip:
     the figures in its folder would not be those of the arguments asked for."""
-    if not args.skip_finished:
-        return False
     run = RunDir(args.output_dir)
+    interrupted = os.path.isfile(run.file(RunDir.LAST))
+    if not args.skip_finished:
+        if args.resume and interrupted:  # --resume: the same check as a skip_finished resume
+            refuse_changed_recipe(run, args, resumable=True)
+        return False
     status = run.status(need_test=args.do_test)
-    if status["state"] == "finished" or os.path.isfile(run.file(RunDir.LAST)):
-        refuse_changed_recipe(run, args)
+    if status["state"] == "finished" or interrupted:
+        refuse_changed_recipe(run, args, resumable=status["state"] != "finished")
     if status["state"] == "finished":
         print(f"skipped (finished): {args.output_dir}", file=sys.stderr)
         return True

@@ -40,6 +40,7 @@ import torch
 from distillation import frozen_teacher_outputs, teacher_layer_for
 from modeling import ModelOutput
 from runtime import autocast
+from utils import remove_dead_builds
 
 logger = logging.getLogger("hrkd")
 
@@ -234,6 +235,7 @@ def domain_targets(cache_dir: str, teacher, head: Optional[int], inputs: Dict[st
     if manifest is not None:
         logger.info("teacher targets read from %s (%d examples)", folder, manifest["examples"])
         return DomainTargets(folder, manifest)
+    remove_dead_builds(os.path.dirname(folder))  # entries a killed process left half-built
     temporary = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)

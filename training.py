@@ -444,6 +444,8 @@ def _save_resume_state(run: RunDir, stage: Stage, state: TrainState, optimizer, 
                "extra": {name: m.state_dict() for name, m in stage.extra_modules.items()},
                "extra_state": {name: o.state_dict() for name, o in stage.extra_state.items()}}
     atomic_torch_save(content, run.file(RunDir.LAST))
+    # after the file: status and the resume line name the step a resume really starts from
+    run.update_results(resume_step=state.global_step)
 
 
 def _restore(run: RunDir, stage: Stage, optimizer, scheduler, scaler) -> TrainState:

@@ -50,7 +50,8 @@ def _current_umask() -> int:
 def _atomic_path(path: str):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX,
+                                         suffix=os.path.basename(path))
     os.close(handle)
     try:
         yield temporary
@@ -334,6 +335,29 @@ class RunLock:
                 os.remove(self.path)
 
 
+TEMPORARY_PREFIX = ".tmp-"   # _atomic_path's files before their rename
+
+
+def remove_orphaned_files(folder: str):
+    """Half-written files (``.tmp-*``) that a killed process left in a run directory; called
+    by the lock's holder, so no live writer owns them."""
+    for name in os.listdir(folder):
+        if name.startswith(TEMPORARY_PREFIX):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def remove_dead_builds(folder: str):
+    """Cache entries built under ``<key>.tmp-<pid>`` by a process of this machine that is gone
+    (killed before its rename): they would never be finished or removed otherwise."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        stem, _, pid = name.rpartition(".tmp-")
+        if stem and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
 def release_locks():
     """Release every run-directory lock this process holds (the end of a stage, any path)."""
     for lock in list(_HELD_LOCKS.values()):
@@ -362,7 +386,10 @@ def run_status(path: str, need_test: bool = False) -> dict:
     dev = results.get("dev", {})
     last = results.get("stopped") or {"step": dev.get("last_step"),
                                       "total_steps": dev.get("total_steps")}
-    status = {"step": last.get("step"), "total_steps": last.get("total_steps")}
+    # the step the resume state holds, written after it (a kill between the evaluation's
+    # results and its resume state leaves the earlier one: that is where a resume starts)
+    step = results.get("resume_step", last.get("step"))
+    status = {"step": step, "total_steps": last.get("total_steps")}
     if finished and (finished.get("tested") or not need_test):
         return {"state": "finished", **status}
     return {"state": "running" if running else "incomplete", **status}
@@ -424,6 +451,18 @@ class RunDir:
             raise NotADirectoryError(f"--output_dir {self.path}: a file, not a directory")
         RunLock(self.path).check_free()
         exists = bool(self._contents())
+        if exists and self.never_started():
+            # killed (kill -9, a lost machine) before its first checkpoint, its process gone
+            # (the lock is free): nothing in it can be continued or reported, so it starts over
+            if self.is_main:
+                print(f"starting afresh: {self.path} (its run stopped before its first "
+                      f"checkpoint)", file=sys.stderr)
+            args.resume, args.overwrite = False, True
+        if args.resume and not exists:
+            # a run that never began (one variant of several, say): --resume starts it
+            if self.is_main:
+                print(f"starting: {self.path} (nothing to resume there)", file=sys.stderr)
+            args.resume = False
         if args.resume:
             if not os.path.isfile(self.file(self.LAST)):
                 raise FileNotFoundError(f"{self.file(self.LAST)}: nothing to resume from")
@@ -435,18 +474,34 @@ class RunDir:
         if not self.is_main:
             return
         self.take_lock()
+        remove_orphaned_files(self.path)
         if exists and args.overwrite:
             for name in self._contents():
                 target = self.file(name)
                 shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) \
                     else os.remove(target)
+        now = datetime.datetime.now().isoformat(timespec="seconds")
         if args.resume:
             self.clear_status()
-        config = {"args": vars(args), **facts, "git_commit": git_commit(), "command": sys.argv,
-                  "started": datetime.datetime.now().isoformat(timespec="seconds")}
-        name = "config_resumed.json" if args.resume else self.CONFIG
-        atomic_write_json(self.file(name), config)
+            # config.json says what the run trains with now; each resume is recorded in it
+            # (when, how, and the settings it changed, accepted by --allow_changed_settings)
+            config = read_json(self.file(self.CONFIG), {}) or {}
+            config.setdefault("resumes", []).append({
+                "started": now, "command": sys.argv, "git_commit": git_commit(),
+                "changed": list(getattr(args, "changed_settings", []) or [])})
+            config["args"] = vars(args)
+            config.update(facts)
+        else:
+            config = {"args": vars(args), **facts, "git_commit": git_commit(),
+                      "command": sys.argv, "started": now}
+        atomic_write_json(self.file(self.CONFIG), config)
         self.training_since, self.resumed = time.monotonic(), bool(args.resume)
+
+    def never_started(self) -> bool:
+        """Files but neither a resume state nor results: a run that stopped (was killed)
+        before its first checkpoint. Copies of finished runs (results.json) are not this."""
+        return (bool(self._contents()) and not os.path.isfile(self.file(self.LAST))
+                and not os.path.isfile(self.file(self.RESULTS)))
 
     def discard_if_unstarted(self):
         """A run this process created that stopped before its first resume state leaves

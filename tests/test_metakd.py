@@ -389,7 +389,7 @@ def test_a_missing_or_wrong_meta_teacher_is_one_line(sample, tmp_path, meta_teac
     import shutil
     import train_domain
     one_line_error(run_script("finetune_metakd.py", student_argv(
-        sample, tmp_path / "nowhere", tmp_path / "s1")), "not found")
+        sample, tmp_path / "nowhere", tmp_path / "s1")), "no such teacher")
     plain = tmp_path / "plain"
     assert train_domain.main(tiny_teacher_args(sample, plain, 2, "--do_train")) == 0
     one_line_error(run_script("finetune_metakd.py", student_argv(sample, plain, tmp_path / "s2")),
