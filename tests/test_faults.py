@@ -188,3 +188,133 @@ def test_exported_weights_have_the_mode_of_the_other_files(tiny_runs, tmp_path):
     modes = {name: os.stat(tmp_path / "hf" / name).st_mode & 0o777
              for name in os.listdir(tmp_path / "hf")}
     assert len(set(modes.values())) == 1, modes
+
+
+# 2: a run killed before its first checkpoint is not started; orphans go; the true step ------
+def stage1(sample, out, *extra, steps=6):
+    return ["--task", "amazon", "--data_dir", sample["amazon"], "--domain", "books",
+            "--vocab_file", sample["vocab"], "--model_config", "tiny_teacher",
+            "--max_seq_length", "32", "--batch_size", "8", "--max_steps", str(steps),
+            "--val_freq", "3", "--learning_rate", "1e-3", "--no_progress", "--output_dir",
+            str(out), "--do_train", "--do_test", *extra]
+
+
+@pytest.mark.parametrize("how", [[], ["--skip_finished"], ["--resume"]])
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(sample, tmp_path, how):
+    import utils
+    full = run_script("train_domain.py", stage1(sample, tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    cut = tmp_path / "cut"
+    killed = run_script("train_domain.py", stage1(sample, cut), {"HRKD_KILL_AT_STEP": "1"})
+    assert killed.returncode == -9
+    assert (cut / "config.json").exists() and not (cut / "last_checkpoint.pt").exists()
+    assert (cut / ".lock").exists()   # its process is gone: a stale lock
+    again = run_script("train_domain.py", stage1(sample, cut, *how))
+    assert again.returncode == 0, again.stderr
+    assert f"starting afresh: {cut} (its run stopped before its first checkpoint)" in \
+        again.stderr
+    assert json.load(open(cut / "results.json")) == json.load(
+        open(tmp_path / "full" / "results.json"))
+    assert utils.run_status(str(cut), need_test=True)["state"] == "finished"
+
+
+def test_a_live_run_without_checkpoint_is_not_taken_over(sample, tmp_path):
+    import socket
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "config.json").write_text("{}")
+    (cut / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    result = run_script("train_domain.py", stage1(sample, cut, "--skip_finished"))
+    assert result.returncode == 1 and "in use by pid" in error_lines(result)[0]
+
+
+def test_orphaned_temporaries_of_dead_processes_are_removed(sample, tmp_path):
+    import subprocess
+    import sys
+    cut = tmp_path / "cut"
+    stopped = run_script("train_domain.py", stage1(sample, cut),
+                         {"HRKD_KILL_AT_STEP": "4", "HRKD_KILL_SIGNAL": "TERM"})
+    assert stopped.returncode == 143
+    (cut / ".tmp-abc123best_model.bin").write_bytes(b"half")   # a killed atomic write
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    cache = tmp_path / "cache"
+    (cache / "teacher" / f"0123456789abcdef0123.tmp-{dead}").mkdir(parents=True)
+    (cache / "teacher" / f"0123456789abcdef0123.tmp-{os.getpid()}").mkdir()  # alive: kept
+    resumed = run_script("train_domain.py", stage1(sample, cut, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert not [n for n in os.listdir(cut) if n.startswith(".tmp-")]
+    student = ["--task", "amazon", "--data_dir", sample["amazon"], "--domain", "books",
+               "--teacher_dir", str(cut), "--student_config", "tiny_student",
+               "--max_seq_length", "32", "--batch_size", "4", "--max_steps", "2",
+               "--val_freq", "2", "--no_progress", "--do_train", "--cache_dir", str(cache),
+               "--output_dir", str(tmp_path / "student")]
+    assert run_script("finetune_domain.py", student).returncode == 0
+    left = sorted(os.listdir(cache / "teacher"))
+    assert f"0123456789abcdef0123.tmp-{dead}" not in left
+    assert f"0123456789abcdef0123.tmp-{os.getpid()}" in left
+
+
+def test_status_names_the_step_the_resume_state_holds(tmp_path):
+    import utils
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last_checkpoint.pt").write_bytes(b"")
+    # killed after an evaluation's results, before its resume state: step 4's results, step 2's
+    # resume state (resume_step is written after the resume state)
+    (run / "results.json").write_text(json.dumps(
+        {"dev": {"last_step": 4, "total_steps": 8}, "resume_step": 2}))
+    status = utils.run_status(str(run))
+    assert status["step"] == 2 and utils.describe_status(status) == \
+        "incomplete: stopped at step 2 of 8"
+
+
+def test_sigkill_status_and_resume_line_agree_with_the_checkpoint(sample, tmp_path):
+    import torch
+    cut = tmp_path / "cut"
+    killed = run_script("train_domain.py", stage1(sample, cut), {"HRKD_KILL_AT_STEP": "5"})
+    assert killed.returncode == -9
+    saved = torch.load(cut / "last_checkpoint.pt", weights_only=True)["train_state"]
+    assert json.load(open(cut / "results.json"))["resume_step"] == saved["global_step"] == 3
+    status = run_script("utils.py", ["status", str(cut)])
+    assert "stopped at step 3 of 6" in status.stdout
+    resumed = run_script("train_domain.py", stage1(sample, cut, "--skip_finished"))
+    assert "resuming (incomplete: stopped at step 3 of 6)" in resumed.stderr
+
+
+# 3: --resume of several stage-4 variants starts those that never began ------------------------
+def test_resume_starts_the_variants_that_never_began(sample, tiny_runs, tmp_path):
+    base = ["--task", "amazon", "--data_dir", sample["amazon"], "--teacher_dir",
+            str(tiny_runs / "multi"), "--student_config", "tiny_student", "--max_seq_length",
+            "32", "--batch_size", "4", "--max_steps", "4", "--val_freq", "2", "--no_progress",
+            "--do_train", "--do_test", "--output_dir", str(tmp_path / "{variant}")]
+    stopped = run_script("finetune_multi_domain.py", base + ["--variant", "no_graph", "hrkd"],
+                         {"HRKD_KILL_AT_STEP": "3", "HRKD_KILL_SIGNAL": "TERM"})
+    assert stopped.returncode == 143 and not (tmp_path / "hrkd").exists()
+    resumed = run_script("finetune_multi_domain.py", base + ["--variant", "no_graph", "hrkd",
+                                                             "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"starting: {tmp_path / 'hrkd'} (nothing to resume there)" in resumed.stderr
+    for variant in ("no_graph", "hrkd"):
+        assert json.load(open(tmp_path / variant / "results.json"))["finished"]["tested"]
+
+
+# 4: --resume with changed settings is refused unless meant; config.json records it ----------
+def test_resume_with_changed_settings_is_refused_unless_allowed(sample, tmp_path):
+    cut = tmp_path / "cut"
+    stopped = run_script("train_domain.py", stage1(sample, cut),
+                         {"HRKD_KILL_AT_STEP": "4", "HRKD_KILL_SIGNAL": "TERM"})
+    assert stopped.returncode == 143
+    changed = stage1(sample, cut, "--resume")
+    changed[changed.index("--learning_rate") + 1] = "2e-3"
+    refused = run_script("train_domain.py", changed)
+    assert refused.returncode == 1 and error_lines(refused) == [
+        f"error: {cut} was trained with other settings (learning_rate 0.001 -> 0.002); "
+        f"--allow_changed_settings continues it with the new ones, --overwrite retrains it, "
+        f"or choose another --output_dir"]
+    allowed = run_script("train_domain.py", changed + ["--allow_changed_settings"])
+    assert allowed.returncode == 0, allowed.stderr
+    config = json.load(open(cut / "config.json"))
+    assert config["args"]["learning_rate"] == 0.002
+    assert [r["changed"] for r in config["resumes"]] == [["learning_rate 0.001 -> 0.002"]]
+    assert not (cut / "config_resumed.json").exists()
