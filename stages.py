@@ -25,8 +25,8 @@ from data_processing import PROCESSORS
 from runtime import (Distributed, describe_machine, leave_process_group, resolve_amp,
                      set_seed)
 from training import LoopConfig, Stage, TrainState, run_test, train
-from utils import (STOPS, HelpFormatter, RunDir, default_cache_dir, describe_status, logger,
-                   main_guard, read_json, release_locks, setup_logging)
+from utils import (STOPS, HelpFormatter, RunDir, default_cache_dir, describe_status,
+                   disk_full_guard, logger, main_guard, read_json, release_locks, setup_logging)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +326,8 @@ def split_of(features, split: str) -> Dict[str, Dict[str, torch.Tensor]]:
 def copy_vocab(vocab_file: str, run: RunDir):
     """Keep the vocabulary beside the checkpoints, so a run directory is self-contained."""
     if run.is_main:
-        shutil.copyfile(vocab_file, run.file("vocab.txt"))
+        with disk_full_guard(run.file("vocab.txt")):
+            shutil.copyfile(vocab_file, run.file("vocab.txt"))
 
 
 # --------------------------------------------------------------------------------------------

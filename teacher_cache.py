@@ -40,7 +40,7 @@ import torch
 from distillation import frozen_teacher_outputs, teacher_layer_for
 from modeling import ModelOutput
 from runtime import autocast
-from utils import remove_dead_builds
+from utils import disk_full_guard, remove_dead_builds
 
 logger = logging.getLogger("hrkd")
 
@@ -240,8 +240,9 @@ def domain_targets(cache_dir: str, teacher, head: Optional[int], inputs: Dict[st
     shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
     try:
-        manifest = _compute(temporary, teacher, head, inputs, student_layers, amp, chunk_rows,
-                            device, description)
+        with disk_full_guard(temporary):
+            manifest = _compute(temporary, teacher, head, inputs, student_layers, amp,
+                                chunk_rows, device, description)
         try:
             os.rename(temporary, folder)
         except OSError:  # another process stored the same entry meanwhile: use theirs

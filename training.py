@@ -204,12 +204,10 @@ def model_checkpoint(stage: Stage, state: TrainState, metrics: Dict[str, float])
 
 
 def summary_writer(path: str):
-    """tensorboardX's writer (requirements.txt), or PyTorch's where only tensorboard exists."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(path)
+    """The TensorBoard event file of a run, written in this thread (event_file.py: the
+    libraries' background writer thread dies on a full disk and then blocks the run)."""
+    from event_file import EventFileWriter
+    return EventFileWriter(path)
 
 
 def _log_scalars(writer, prefix: str, values: Dict[str, float], step: int):
@@ -274,7 +272,7 @@ def train(config: LoopConfig, stage: Stage, run: RunDir, dist: Distributed):
                                        stage.extra_modules if stage.optimise_extra else {})
                     state.global_step += 1
                     state.step_in_epoch += 1
-                    _injected_fault(state.global_step, dist.rank)
+                    _injected_fault(state.global_step, dist.rank, run.path)
                     progress.update(1)
                     if dist.is_main:
                         scalars = {k: float(v.detach()) for k, v in losses.items()}
@@ -291,6 +289,10 @@ def train(config: LoopConfig, stage: Stage, run: RunDir, dist: Distributed):
                 else:
                     state.epoch += 1
                     state.step_in_epoch = 0
+        except BaseException as err:
+            if writer is not None and not isinstance(err, RunStopped):
+                writer.failed = True  # close without flushing: the first error is the one told
+            raise
         finally:
             progress.close()
             if writer is not None:
@@ -299,10 +301,25 @@ def train(config: LoopConfig, stage: Stage, run: RunDir, dist: Distributed):
     return state
 
 
-def _injected_fault(step: int, rank: int):
+def _injected_fault(step: int, rank: int, run_path: str = "."):
     """Fault injection for the reliability tests: HRKD_KILL_AT_STEP=N [HRKD_KILL_RANK=r]
     [HRKD_KILL_SIGNAL=KILL|TERM|INT] sends the signal (default SIGKILL) to the process right
-    after optimisation step N (on rank r only, if given)."""
+    after optimisation step N (on rank r only, if given); HRKD_FILL_DISK_AT_STEP=N fills the
+    run directory's file system there (a file ``.hrkd-filler`` beside the run directory,
+    written until the disk says it is full)."""
+    if os.environ.get("HRKD_FILL_DISK_AT_STEP") == str(step):
+        filler = os.path.join(os.path.dirname(os.path.abspath(run_path)), ".hrkd-filler")
+        with open(filler, "ab", buffering=0) as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 65536)
+            except OSError:
+                pass
+            try:
+                while True:
+                    handle.write(b"\0")
+            except OSError:
+                pass
     target = os.environ.get("HRKD_KILL_AT_STEP")
     if not target or int(target) != step:
         return
@@ -427,6 +444,8 @@ def _evaluate_and_save(config: LoopConfig, stage: Stage, run: RunDir, dist: Dist
         logger.info("step %d dev %s mean %.4f (best %.4f at step %d)", state.global_step,
                     " ".join(f"{d}={v:.4f}" for d, v in dev.items()), mean, state.best_mean,
                     state.best_step)
+        if writer is not None:
+            writer.flush()  # on disk at every evaluation (a full disk stops the run here)
         run.update_results(dev={"best_mean": state.best_mean, "best_step": state.best_step,
                                 "best_per_domain": state.best_per_domain,
                                 "best_step_per_domain": state.best_step_per_domain,

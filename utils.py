@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -38,6 +39,63 @@ logger = logging.getLogger("hrkd")
 
 
 # --------------------------------------------------------------------------------------------
+# A full disk, named as such wherever a write fails
+# --------------------------------------------------------------------------------------------
+class DiskFullError(OSError):
+    """A write failed because the disk (or quota) is full; the message names the file."""
+
+    def __init__(self, path: str):
+        super().__init__(disk_full_message(path))
+        self.errno, self.filename = errno.ENOSPC, path
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+# Below this much free space a failed write counts as a full disk even where the error does
+# not say so (torch.save's "[enforce fail at inline_container.cc] ... file write failed").
+DISK_FULL_BYTES = 1 << 20
+
+
+def is_disk_full(err: BaseException, path: str) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(err, (OSError, RuntimeError)):
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        while folder and not os.path.isdir(folder):
+            folder = os.path.dirname(folder)
+        try:
+            return shutil.disk_usage(folder).free < DISK_FULL_BYTES
+        except OSError:
+            return False
+    return False
+
+
+def disk_full_message(path: str) -> str:
+    return (f"{path}: the disk is full (no space left on device); free space, then run the "
+            f"same command with --resume (the last good checkpoint is kept)")
+
+
+@contextlib.contextmanager
+def disk_full_guard(path: str, on_error: Optional[Callable[[], None]] = None):
+    """A write inside that fails on a full disk raises ``DiskFullError`` naming ``path``
+    (one line for the user, instead of an errno or a C++ assertion); ``on_error`` runs on any
+    failure first."""
+    try:
+        yield
+    except DiskFullError:
+        if on_error:
+            on_error()
+        raise
+    except (OSError, RuntimeError) as err:
+        if on_error:
+            on_error()
+        if is_disk_full(err, path):
+            raise DiskFullError(path) from None
+        raise
+
+
+# --------------------------------------------------------------------------------------------
 # Atomic files: write to a temporary name in the same directory, then rename.
 # --------------------------------------------------------------------------------------------
 def _current_umask() -> int:
@@ -49,18 +107,20 @@ def _current_umask() -> int:
 @contextlib.contextmanager
 def _atomic_path(path: str):
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX,
-                                         suffix=os.path.basename(path))
-    os.close(handle)
+    temporary = None
     try:
-        yield temporary
-        # mkstemp makes the file private (0600); give it the mode open() would, so a cluster
-        # group can read results and checkpoints as the umask allows.
-        os.chmod(temporary, 0o666 & ~_current_umask())
-        os.replace(temporary, path)
+        with disk_full_guard(path):
+            os.makedirs(directory, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX,
+                                                 suffix=os.path.basename(path))
+            os.close(handle)
+            yield temporary
+            # mkstemp makes the file private (0600); give it the mode open() would, so a
+            # cluster group can read results and checkpoints as the umask allows.
+            os.chmod(temporary, 0o666 & ~_current_umask())
+            os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
+        if temporary and os.path.exists(temporary):
             os.remove(temporary)
 
 
@@ -129,6 +189,15 @@ class _EarlyRecords(logging.Handler):
         self.records.append(record)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """train.log. A line that cannot be written (a full disk) is dropped without logging's
+    traceback on stderr; the run's next checkpoint or result write then stops it with one
+    line saying the disk is full."""
+
+    def handleError(self, record):
+        pass
+
+
 def setup_logging(log_file: Optional[str] = None, main: bool = True):
     """Console logging (rank 0 at INFO); with ``log_file``, also that file, starting with the
     lines logged since the stage began."""
@@ -143,7 +212,7 @@ def setup_logging(log_file: Optional[str] = None, main: bool = True):
         logger.removeHandler(handler)  # a previous run in this process, or the buffer
         handler.close()
     if log_file and main:
-        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler = _RunLogHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         for record in (early[0].records if early else []):
             handler.handle(record)
@@ -320,8 +389,13 @@ class RunLock:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)
                 continue
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(record + "\n")
+            try:
+                with disk_full_guard(self.path), os.fdopen(handle, "w", encoding="utf-8") as out:
+                    out.write(record + "\n")
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)  # an empty lock file would be taken over anyway
+                raise
             _HELD_LOCKS[os.path.abspath(self.path)] = self
             return self
         raise RunLocked(f"{self.path}: could not take the lock")
@@ -598,6 +672,9 @@ def main_guard(run: Callable[[], None]) -> int:
             print(f"{stop}", file=sys.stderr)
         return stop.exit_status
     except (ValueError, OSError, RuntimeError) as err:
+        if isinstance(err, OSError) and not isinstance(err, DiskFullError) and err.errno in (
+                errno.ENOSPC, errno.EDQUOT):  # a write outside the guarded ones
+            err = DiskFullError(err.filename or "a file")
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1

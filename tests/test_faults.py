@@ -318,3 +318,84 @@ def test_resume_with_changed_settings_is_refused_unless_allowed(sample, tmp_path
     assert config["args"]["learning_rate"] == 0.002
     assert [r["changed"] for r in config["resumes"]] == [["learning_rate 0.001 -> 0.002"]]
     assert not (cut / "config_resumed.json").exists()
+
+
+# 1: a full disk ends the run at once, in one line; --resume after freeing space finishes it ---
+def test_event_file_reads_back_in_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboardX.crc32c import crc32c as reference_crc32c
+
+    import event_file
+    for data in (b"", b"a", bytes(range(256)) * 3):
+        assert event_file.crc32c(data) == reference_crc32c(data)
+    writer = event_file.EventFileWriter(str(tmp_path / "tb"))
+    for step in (1, 2, 300):
+        writer.add_scalar("train/loss", 1.0 / step, step)
+        writer.add_scalar("dev/books", 0.5 + step / 1000, step)
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["dev/books", "train/loss"]
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 300]
+    assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 1 / 300], rel=1e-6)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs of its own (mounted as root; elsewhere the test cannot run)."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(sample, tmp_path,
+                                                                      small_disk):
+    full = run_script("train_domain.py", stage1(sample, tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    cut = small_disk / "run"
+    began = time.monotonic()
+    stopped = run_script("train_domain.py", stage1(sample, cut),
+                         {"HRKD_FILL_DISK_AT_STEP": "4"}, timeout=120)
+    assert time.monotonic() - began < 110   # promptly, not a hang
+    assert stopped.returncode == 1
+    [line] = error_lines(stopped)
+    assert "the disk is full (no space left on device)" in line and str(cut) in line, line
+    assert "--resume" in line
+    assert not [n for n in os.listdir(cut) if n.startswith(".tmp-")]
+    os.remove(small_disk / ".hrkd-filler")
+    resumed = run_script("train_domain.py", stage1(sample, cut, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.load(open(cut / "results.json")) == json.load(
+        open(tmp_path / "full" / "results.json"))
+
+
+def test_a_full_disk_at_the_start_is_named(sample, tmp_path, small_disk):
+    with open(small_disk / "filler", "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    result = run_script("train_domain.py", stage1(sample, small_disk / "run"))
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert "the disk is full" in line and str(small_disk) in line, line
+    assert "Errno" not in line and "enforce fail" not in line
+    assert not (small_disk / "run").exists()
+    # the feature cache on a full disk: named the same way
+    os.makedirs(tmp_path / "out", exist_ok=True)
+    cached = run_script("train_domain.py", stage1(sample, tmp_path / "out" / "run",
+                                                  "--cache_dir", str(small_disk / "cache")))
+    assert cached.returncode == 1
+    [line] = error_lines(cached)
+    assert "the disk is full" in line and str(small_disk / "cache") in line, line
