@@ -94,17 +94,38 @@ class Processor:
 
 
 class MnliProcessor(Processor):
-    """MNLI by genre (REFERENCE.md section 2): train/dev from train.tsv, test = dev_matched.tsv."""
+    """MNLI by genre (REFERENCE.md section 2): per genre, the first train_ratio of its training
+    rows to train, the last dev_ratio to dev, its rows of the evaluation file as the test set.
+
+    Columns are read by their header names, in either of two layouts found in ``data_dir``:
+    GLUE's ``train.tsv`` / ``dev_matched.tsv`` (``genre``, ``sentence1``, ``sentence2``,
+    ``gold_label`` among the parse and id columns) or the MNLI sample's ``mnli_train.tsv`` /
+    ``mnli_val.tsv`` (``sentence1 sentence2 label genre``; val rows are dev_matched rows)."""
 
     name = "mnli"
     domains = ["fiction", "government", "slate", "telephone", "travel"]
     labels = ["contradiction", "entailment", "neutral"]
     fit_domain = "telephone"
-    GENRE, SENTENCE1, SENTENCE2 = 3, 8, 9
+    # (training file, evaluation file) of each layout, looked for in this order
+    LAYOUTS = (("train.tsv", "dev_matched.tsv"), ("mnli_train.tsv", "mnli_val.tsv"))
+    GENRE, SENTENCE1, SENTENCE2 = "genre", "sentence1", "sentence2"
+    LABEL_COLUMNS = ("gold_label", "label")  # GLUE's gold label, else the sample's label
 
     def files(self, data_dir: str, domain: str) -> List[str]:
-        """The files a genre is read from (every genre shares the two)."""
-        return [os.path.join(data_dir, "train.tsv"), os.path.join(data_dir, "dev_matched.tsv")]
+        """The two files every genre is read from: the first layout of LAYOUTS present."""
+        for layout in self.LAYOUTS:
+            paths = [os.path.join(data_dir, name) for name in layout]
+            if all(os.path.isfile(p) for p in paths):
+                return paths
+        for layout in self.LAYOUTS:  # one file of a layout alone: name the missing one
+            paths = [os.path.join(data_dir, name) for name in layout]
+            present = [p for p in paths if os.path.isfile(p)]
+            if present:
+                missing = next(p for p in paths if p not in present)
+                raise DataError(f"{missing}: data file not found (beside {present[0]})")
+        expected = " or ".join(" + ".join(layout) for layout in self.LAYOUTS)
+        raise DataError(f"{os.path.join(data_dir, self.LAYOUTS[0][0])}: data file not found "
+                        f"(expected {expected} in {data_dir})")
 
     def _read_tsv(self, path: str) -> Dict[str, List[Example]]:
         """Rows of one file grouped by genre, in file order."""
@@ -119,6 +140,19 @@ class MnliProcessor(Processor):
             raise DataError(first_invalid_utf8(path)) from None
         return by_genre
 
+    def _columns(self, path: str, header: List[str]) -> Tuple[int, int, int, int]:
+        """Positions of genre, sentence1, sentence2 and the label; a missing one is named."""
+        index = {name.strip(): i for i, name in enumerate(header)}
+        label = next((c for c in self.LABEL_COLUMNS if c in index), None)
+        missing = [c for c in (self.GENRE, self.SENTENCE1, self.SENTENCE2) if c not in index]
+        if label is None:
+            missing.append(" or ".join(self.LABEL_COLUMNS))
+        if missing:
+            raise DataError(f"{path}:1: no {', '.join(missing)} column (an MNLI file has "
+                            f"genre, sentence1, sentence2 and gold_label or label; found: "
+                            f"{', '.join(index)})")
+        return index[self.GENRE], index[self.SENTENCE1], index[self.SENTENCE2], index[label]
+
     def _read_rows(self, path: str, handle, by_genre: Dict[str, List[Example]],
                    label_ids: Dict[str, int]):
         # No quote character: GLUE rows hold unbalanced quotes (REFERENCE.md section 6).
@@ -126,16 +160,18 @@ class MnliProcessor(Processor):
         header = next(reader, None)
         if header is None:
             raise DataError(f"{path}: empty file")
+        genre, first, second, gold = self._columns(path, header)
+        needed = max(genre, first, second, gold) + 1
         for line_number, row in enumerate(reader, start=2):
-            if len(row) <= self.SENTENCE2 + 1:
-                raise DataError(f"{path}:{line_number}: expected at least "
-                                f"{self.SENTENCE2 + 2} tab-separated columns, found {len(row)}")
-            label = row[-1].strip()
+            if len(row) < needed:
+                raise DataError(f"{path}:{line_number}: expected at least {needed} "
+                                f"tab-separated columns, found {len(row)}")
+            label = row[gold].strip()
             if label not in label_ids:
                 raise DataError(f"{path}:{line_number}: unknown label '{label}' "
                                 f"(expected one of {', '.join(self.labels)})")
-            by_genre.setdefault(row[self.GENRE], []).append(
-                Example(row[self.SENTENCE1], row[self.SENTENCE2], label_ids[label]))
+            by_genre.setdefault(row[genre], []).append(
+                Example(row[first], row[second], label_ids[label]))
 
     def read_splits(self, data_dir: str, domain: str, train_ratio: float = 0.9,
                     dev_ratio: float = 0.1, data_seed: int = 42) -> Dict[str, List[Example]]:

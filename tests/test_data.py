@@ -47,7 +47,7 @@ def test_mnli_reader_columns_quotes_and_split(tmp_path):
 def test_mnli_bad_rows_name_file_and_line(tmp_path):
     write_mnli(tmp_path / "short", [mnli_row(0, "fiction", "a", "b", "neutral"),
                                     "1\t2\tfiction\tonly\n"], [])
-    with pytest.raises(dp.DataError, match=r"train.tsv:3: expected at least 11"):
+    with pytest.raises(dp.DataError, match=r"train.tsv:3: expected at least 12"):
         dp.MnliProcessor().read_splits(str(tmp_path / "short"), "fiction")
     write_mnli(tmp_path / "label", [mnli_row(0, "fiction", "a", "b", "maybe")], [])
     with pytest.raises(dp.DataError, match=r"train.tsv:2: unknown label 'maybe'"):
