@@ -720,6 +720,23 @@ def concat_domain_batches(batches: Sequence[Dict[str, torch.Tensor]],
 # --------------------------------------------------------------------------------------------
 # Batch sampler (REFERENCE.md section 2)
 # --------------------------------------------------------------------------------------------
+# Length buckets: each run of this many global batches of the shuffled stream is sorted by
+# length before it is cut into batches (more: less padding, less mixing of lengths in a batch).
+BUCKET_BATCHES = 50
+BUCKET_STREAM = 1 << 20   # the seed word of the buckets' step order (not a domain's index)
+
+
+def trim_to_longest(batches: Sequence[Dict[str, torch.Tensor]]):
+    """A step's batches cut to the longest input among them (inputs are stored padded to
+    --max_seq_length): one length for all domains, since the student runs them together."""
+    longest = max(int(b["attention_mask"].sum(dim=1).max()) for b in batches)
+    return [{name: (t[:, :longest] if name in SEQUENCE_FEATURES else t)
+             for name, t in b.items()} for b in batches]
+
+
+SEQUENCE_FEATURES = ("input_ids", "segment_ids", "attention_mask")
+
+
 class MultiDomainBatchSampler:
     """Every step holds ``batch_size`` examples of EVERY domain, per process.
 
@@ -732,7 +749,9 @@ class MultiDomainBatchSampler:
     """
 
     def __init__(self, domain_sizes: Sequence[int], batch_size: int, fit_domain: int = 0,
-                 seed: int = 42, rank: int = 0, world_size: int = 1):
+                 seed: int = 42, rank: int = 0, world_size: int = 1,
+                 lengths: Optional[Sequence[np.ndarray]] = None,
+                 bucket_batches: int = BUCKET_BATCHES):
         if batch_size <= 0:
             raise ValueError(f"--batch_size must be positive, got {batch_size}")
         if any(size <= 0 for size in domain_sizes):
@@ -745,6 +764,9 @@ class MultiDomainBatchSampler:
         self.world_size = world_size
         global_batch = batch_size * world_size
         self.steps_per_epoch = math.ceil(self.domain_sizes[fit_domain] / global_batch)
+        # length buckets (--length_buckets): each example's length (its attention mask's sum)
+        self.lengths = None if lengths is None else [np.asarray(x) for x in lengths]
+        self.bucket_batches = bucket_batches
 
     def __len__(self):
         return self.steps_per_epoch
@@ -756,9 +778,31 @@ class MultiDomainBatchSampler:
         needed = self.steps_per_epoch * self.batch_size * self.world_size
         return np.tile(permutation, math.ceil(needed / size))[:needed]
 
+    def _bucketed(self, stream: np.ndarray, lengths: np.ndarray, order: np.ndarray):
+        """The epoch's stream regrouped into batches of similar length: each run of
+        ``bucket_batches`` global batches of the shuffled stream is sorted by length (a stable
+        sort: ties keep the shuffle) and cut into batches, so a batch still mixes examples
+        afresh every epoch; the batches are then ranked by their longest member and placed by
+        ``order`` (a permutation of the steps shared by every domain, so that one step's
+        domains hold batches of the same length rank and pad to similar lengths)."""
+        global_batch = self.batch_size * self.world_size
+        chunk = global_batch * self.bucket_batches
+        batches = []
+        for start in range(0, len(stream), chunk):
+            part = stream[start:start + chunk]
+            part = part[np.argsort(lengths[part], kind="stable")]
+            batches += [part[i:i + global_batch] for i in range(0, len(part), global_batch)]
+        ranked = sorted(range(len(batches)), key=lambda b: (lengths[batches[b]].max(), b))
+        return np.concatenate([batches[ranked[rank]] for rank in order])
+
     def epoch(self, epoch: int, start_step: int = 0):
         """Yields, for each step from ``start_step``, one index array per domain."""
         streams = [self._domain_stream(epoch, d) for d in range(len(self.domain_sizes))]
+        if self.lengths is not None:
+            order = np.random.default_rng([self.seed, epoch, BUCKET_STREAM]).permutation(
+                self.steps_per_epoch)
+            streams = [self._bucketed(stream, lengths, order)
+                       for stream, lengths in zip(streams, self.lengths)]
         width = self.batch_size
         for step in range(start_step, self.steps_per_epoch):
             offset = (step * self.world_size + self.rank) * width

@@ -98,6 +98,11 @@ def add_common_args(parser: argparse.ArgumentParser, lr: float, epochs: float, b
     optim.add_argument("--compile_mode", default=None,
                        help="torch.compile mode, e.g. reduce-overhead (CUDA graphs) or "
                             "max-autotune")
+    optim.add_argument("--length_buckets", action="store_true",
+                       help="batch training examples of similar length and pad each step to "
+                            "its longest input instead of --max_seq_length (faster on short "
+                            "inputs such as MNLI pairs; opt-in: the losses that average over "
+                            "padded positions change, README 'Length buckets')")
     optim.add_argument("--max_nonfinite_steps", type=int, default=10,
                        help="stop after this many consecutive steps with a non-finite loss")
 

@@ -97,15 +97,22 @@ class DomainTargets:
         dtype = self.dtypes[name]
         return rows.view(dtype) if dtype in _RAW_DTYPES else rows
 
-    def output(self, indices: torch.Tensor, device: torch.device) -> ModelOutput:
+    def output(self, indices: torch.Tensor, device: torch.device,
+               length: Optional[int] = None) -> ModelOutput:
+        """``length``: a batch cut to its longest input (--length_buckets) reads the first
+        ``length`` positions of each stored row (padded keys are masked out of every kept
+        position's attention, so those are the values a teacher run at that length gives, to
+        the rounding of its matrix products)."""
         index = indices.cpu().numpy()
         hidden = [None] * (self.teacher_layers + 1)
         scores = [None] * self.teacher_layers
+        cut = slice(None) if length is None else slice(0, length)
         for level in [0, *self.mapped]:
-            hidden[level] = self._rows(f"hidden_{level}", index).to(device, non_blocking=True)
+            hidden[level] = self._rows(f"hidden_{level}", index)[:, cut].to(device,
+                                                                           non_blocking=True)
         for layer in self.mapped:
-            scores[layer - 1] = self._rows(f"scores_{layer}", index).to(device,
-                                                                        non_blocking=True)
+            scores[layer - 1] = self._rows(f"scores_{layer}", index)[:, :, cut, cut].to(
+                device, non_blocking=True)
         return ModelOutput(self._rows("logits", index).to(device), hidden, scores)
 
 
@@ -135,7 +142,8 @@ class TeacherTargets:
         live teacher."""
         if self.per_domain is None or any("example_index" not in b for b in batches):
             return None
-        return [targets.output(batch["example_index"], batch["input_ids"].device)
+        return [targets.output(batch["example_index"], batch["input_ids"].device,
+                               batch["input_ids"].shape[1])
                 for targets, batch in zip(self.per_domain, batches)]
 
 

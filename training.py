@@ -121,6 +121,7 @@ class LoopConfig:
     seed: int = 42
     progress: bool = True
     max_nonfinite_steps: int = 10
+    length_buckets: bool = False      # batches of similar length, padded to their longest
 
     @classmethod
     def from_args(cls, args) -> "LoopConfig":
@@ -222,13 +223,15 @@ def train(config: LoopConfig, stage: Stage, run: RunDir, dist: Distributed):
     if not isinstance(config, LoopConfig):
         raise TypeError(f"train() takes a LoopConfig (LoopConfig.from_args(flags)), got "
                         f"{type(config).__name__}")
-    from data_processing import MultiDomainBatchSampler, take
+    from data_processing import MultiDomainBatchSampler, take, trim_to_longest
     from tqdm import tqdm
 
     device = dist.device
     sizes = [stage.train_features[d]["labels"].shape[0] for d in stage.domains]
+    lengths = ([stage.train_features[d]["attention_mask"].sum(dim=1).numpy()
+                for d in stage.domains] if config.length_buckets else None)
     sampler = MultiDomainBatchSampler(sizes, config.batch_size, stage.domains.index(stage.fit_domain),
-                                      config.seed, dist.rank, dist.world_size)
+                                      config.seed, dist.rank, dist.world_size, lengths)
     total_steps = (config.max_steps if config.max_steps > 0
                    else math.ceil(len(sampler) * config.num_train_epochs))
     model = dist.wrap(stage.model.to(device))
@@ -262,9 +265,12 @@ def train(config: LoopConfig, stage: Stage, run: RunDir, dist: Distributed):
             while state.global_step < total_steps:
                 for indices in sampler.epoch(state.epoch, state.step_in_epoch):
                     # example_index: which training examples (the teacher cache's rows)
-                    batches = [to_device({**take(stage.train_features[d], idx),
-                                          "example_index": torch.as_tensor(idx)}, device)
+                    batches = [{**take(stage.train_features[d], idx),
+                                "example_index": torch.as_tensor(idx)}
                                for d, idx in zip(stage.domains, indices)]
+                    if config.length_buckets:
+                        batches = trim_to_longest(batches)
+                    batches = [to_device(batch, device) for batch in batches]
                     with autocast(device, config.amp):
                         losses = stage.compute_loss(model, batches)
                     _optimisation_step(config, losses["loss"], optimizer, scheduler, scaler,
