@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 import objectives
@@ -247,6 +249,8 @@ def run_benchmarks(args) -> dict:
               f"{results['matmul_gflop_per_s']:.0f}: " + ", ".join(
                   f"{name} {100 * timing['fraction_of_matmul_rate']:.0f}%"
                   for name, timing in results["train_step"].items()), file=sys.stderr)
+    if "buckets" in cases:
+        buckets_benchmarks(args, device, teacher_config, student_config, results)
     if "metakd" in cases:
         metakd_benchmarks(args, device, teacher_config, student_config, batches, record_pair,
                           results)
@@ -375,6 +379,74 @@ def train_benchmarks(args, device, teacher_config, student_config, batches, reco
             / steps["stage4_hrkd_straightforward"]["examples_per_s"])
         print(f"compiled HRKD step vs straightforward: "
               f"{results['compiled_hrkd_speedup_vs_straightforward']:.2f}x", file=sys.stderr)
+
+
+def mnli_features(mnli_dir: str, seq_len: int, per_genre: int):
+    """The first ``per_genre`` training pairs of every MNLI genre, tokenized with the
+    bert-base-uncased vocabulary (MiniLM's) at ``seq_len``, as the stages store them."""
+    import data_processing
+    from modeling import checkpoint_path
+    from tokenization import WordPieceTokenizer
+    tokenizer = WordPieceTokenizer(os.path.join(checkpoint_path("all-MiniLM-L6-v2"),
+                                                "vocab.txt"))
+    processor = data_processing.MnliProcessor()
+    return [data_processing.examples_to_tensors(
+        processor.read_splits(mnli_dir, genre)["train"][:per_genre], tokenizer, seq_len)
+        for genre in processor.domains]
+
+
+def buckets_benchmarks(args, device, teacher_config, student_config, results):
+    """Stages 2 and 4 on real MNLI pairs at --seq_len: a step of batches padded to --seq_len
+    (the default) against a step of --length_buckets batches (similar lengths, padded to the
+    step's longest input), the next batch of each sampler every round, in alternating rounds;
+    the ratio is the time of the padded steps over the bucketed ones. The teachers run live
+    (with the teacher cache the student's share is larger; it scales the same way)."""
+    import data_processing
+    features = mnli_features(args.mnli_dir, args.seq_len, args.bucket_examples)
+    sizes = [f["labels"].shape[0] for f in features]
+    lengths = [f["attention_mask"].sum(dim=1).numpy() for f in features]
+    width, loss_args = teacher_config.hidden_size, DistillConfig()
+    teacher = objectives.freeze(BertClassifier(teacher_config, 3).to(device), args.amp)
+    student = BertClassifier(student_config, 3, fit_size=width).to(device)
+    teachers = [objectives.freeze(BertClassifier(teacher_config, 3, num_domains=len(sizes))
+                                  .to(device), args.amp)]
+    multi = BertClassifier(student_config, 3, num_domains=len(sizes), fit_size=width).to(device)
+    graph = DomainRelationalGraph(student_config.num_hidden_layers + 1, len(sizes),
+                                  width).to(device).requires_grad_(False)
+    cases = {
+        "stage2": ([3], student, {}, make_kd_loss(teacher, loss_args)),
+        "stage4_hrkd": (list(range(len(sizes))), multi, {"graph": graph},
+                        make_hrkd_loss(teachers, [list(range(len(sizes)))],
+                                       GraphWeighting(graph, False), loss_args)),
+    }
+    summary = {}
+    for name, (domains, model, extra, loss) in cases.items():
+        samplers = [data_processing.MultiDomainBatchSampler(
+            [sizes[d] for d in domains], args.batch, 0, 42,
+            lengths=[lengths[d] for d in domains] if bucketed else None)
+            for bucketed in (False, True)]
+        streams = [iter(sampler.epoch(0)) for sampler in samplers]
+
+        def step_of(which):
+            def step():
+                indices = next(streams[which])
+                batches = [data_processing.take(features[d], idx)
+                           for d, idx in zip(domains, indices)]
+                if which:
+                    batches = data_processing.trim_to_longest(batches)
+                training_step(model, extra, loss, [runtime.to_device(b, device)
+                                                   for b in batches], device, args.amp)()
+            return step
+        timings, ratio = time_paired([step_of(0), step_of(1)], args.pairs, args.warmup, device)
+        padded_steps = len(domains) * args.batch / timings[0]["median_s"]
+        summary[name] = {"padded": timings[0], "bucketed": timings[1], "speedup": ratio}
+        print(f"{name}: padded to {args.seq_len} {timings[0]['median_s'] * 1000:.0f} ms/step, "
+              f"length buckets {timings[1]['median_s'] * 1000:.0f} ms/step: "
+              f"{ratio['median']:.2f}x (median of {ratio['rounds']} alternating rounds; "
+              f"halves {ratio['first_half']:.2f}x / {ratio['second_half']:.2f}x; "
+              f"{padded_steps:.1f} padded examples/s)", file=sys.stderr)
+    mean_length = float(np.mean(np.concatenate(lengths)))
+    results["length_buckets"] = {"mean_input_length": mean_length, **summary}
 
 
 def metakd_benchmarks(args, device, teacher_config, student_config, batches, record_pair,
@@ -592,7 +664,9 @@ def build_parser():
                         help="comma-separated: train (every stage's step), hrkd (only the "
                              "stage-4 pairs), peer (stage 2 against TextBrewer's "
                              "GeneralDistiller; needs requirements-dev.txt), metakd "
-                             "(Meta-KD's B1 and B2 steps against the stage-2 step), inference, "
+                             "(Meta-KD's B1 and B2 steps against the stage-2 step), buckets "
+                             "(stages 2 and 4 on real MNLI pairs, padded against "
+                             "--length_buckets), inference, "
                              "deploy (every deployed form at the real and paper sizes on "
                              "real reviews: deploy_bench.py; needs onnxruntime)")
     parser.add_argument("--deploy_texts", type=int, default=200,
@@ -602,6 +676,12 @@ def build_parser():
     parser.add_argument("--deploy_sizes", default="real,paper",
                         help="deploy: the sizes to run (real: MiniLM-6L / 2L-384; paper: "
                              "BERT-base / TinyBERT 4L-312)")
+    parser.add_argument("--mnli_dir", default=os.path.join(os.path.dirname(
+                            os.path.dirname(os.path.abspath(__file__))), "shared", "data",
+                            "mnli_sample"),
+                        help="buckets: the MNLI files (GLUE's or the sample's)")
+    parser.add_argument("--bucket_examples", type=int, default=800,
+                        help="buckets: training pairs of each genre tokenized for the case")
     parser.add_argument("--metakd_epochs", type=float, nargs=3, default=[5.0, 5.0, 10.0],
                         metavar=("B1", "B2", "STAGE2"),
                         help="metakd: the epochs of Meta-KD's B1 and B2 and of the TinyBERT-KD "
