@@ -6,8 +6,10 @@ Writes --output_dir/<domain>/results.json in the layout of the stage runs ({"dev
        "test": {"per_domain": ...}}), so report.py shows it as a row of the same table.
 
 The regularisation strength C is chosen on each domain's dev split (never on test) from
---c_grid; features are word 1-2-grams (sublinear tf, lower-cased), fitted on the training split.
-liblinear is deterministic, so one run needs no seeds.
+--c_grid; features are word 1-2-grams (sublinear tf, lower-cased), fitted on the training split;
+for sentence pairs (MNLI) three blocks of them: the premise, the hypothesis, and the hypothesis's
+words marked by whether the premise holds them (the lexical overlap an NLI baseline needs).
+liblinear (two labels) and lbfgs (more) are deterministic, so one run needs no seeds.
 
     python baseline_tfidf.py --task amazon --data_dir dataset/amazon \
         --output_dir runs/tfidf/amazon
@@ -46,20 +48,67 @@ def texts_of(examples):
             np.array([e.label for e in examples]))
 
 
+def pair_views(examples):
+    """Three documents per sentence pair (MNLI): the premise, the hypothesis, and the
+    hypothesis's words each marked by whether the premise holds it ("in_x" / "out_x"): what
+    a bag of words of the joined pair cannot see is which hypothesis words the premise
+    supports, the lexical-overlap signal a linear NLI baseline lives on."""
+    import re
+    word = re.compile(r"\w+")
+    premises = [e.text_a for e in examples]
+    hypotheses = [e.text_b or "" for e in examples]
+    overlap = []
+    for premise, hypothesis in zip(premises, hypotheses):
+        seen = set(word.findall(premise.lower()))
+        overlap.append(" ".join(("in_" if w in seen else "out_") + w
+                                for w in word.findall(hypothesis.lower())))
+    return [premises, hypotheses, overlap]
+
+
+class Featurizer:
+    """TF-IDF word 1-2-grams (sublinear tf, lower-cased) fitted on the training split: of the
+    text (a pair's two texts joined), or, for sentence pairs, of each of ``pair_views``."""
+
+    def __init__(self, pairs: bool):
+        self.pairs = pairs
+        self.vectorizers = []
+
+    def _views(self, examples):
+        return pair_views(examples) if self.pairs else [texts_of(examples)[0]]
+
+    def fit_transform(self, examples):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        views = self._views(examples)
+        self.vectorizers = [TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True,
+                                            lowercase=True) for _ in views]
+        return self._stack([v.fit_transform(x) for v, x in zip(self.vectorizers, views)])
+
+    def transform(self, examples):
+        return self._stack([v.transform(x) for v, x in zip(self.vectorizers,
+                                                             self._views(examples))])
+
+    @staticmethod
+    def _stack(blocks):
+        from scipy.sparse import hstack
+        return blocks[0] if len(blocks) == 1 else hstack(blocks).tocsr()
+
+
 def fit_domain_baseline(splits, c_grid):
     """{'c', 'dev', 'test'}: the dev-best C of the grid, its dev and test accuracy."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    train_x, train_y = texts_of(splits["train"])
+    train_y = texts_of(splits["train"])[1]
     if len(set(train_y.tolist())) < 2:
         raise ValueError("a training split with a single label cannot fit a classifier")
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, lowercase=True)
-    train_features = vectorizer.fit_transform(train_x)
-    evaluated = {name: (vectorizer.transform(texts_of(splits[name])[0]), texts_of(splits[name])[1])
+    featurizer = Featurizer(pairs=any(e.text_b for e in splits["train"]))
+    train_features = featurizer.fit_transform(splits["train"])
+    evaluated = {name: (featurizer.transform(splits[name]), texts_of(splits[name])[1])
                  for name in ("dev", "test")}
     best = None
     for c in c_grid:
-        model = LogisticRegression(C=c, solver="liblinear", max_iter=1000)
+        # liblinear (the Amazon rows') is binary only; lbfgs for three labels (MNLI); both
+        # are deterministic
+        solver = "liblinear" if len(set(train_y.tolist())) == 2 else "lbfgs"
+        model = LogisticRegression(C=c, solver=solver, max_iter=1000)
         model.fit(train_features, train_y)
         scores = {name: float(np.mean(model.predict(x) == y)) for name, (x, y) in evaluated.items()}
         if best is None or scores["dev"] > best["dev"]:  # ties keep the smaller C

@@ -16,6 +16,17 @@ def test_tfidf_baseline_writes_a_report_row(sample, tmp_path):
     assert all(len(cells[d]) == 1 for d in ("books", "dvd", "electronics", "kitchen"))
 
 
+def test_sentence_pairs_get_premise_hypothesis_and_overlap_views(sample, tmp_path):
+    from data_processing import Example
+    views = baseline_tfidf.pair_views([Example("A man is sleeping .", "The man sleeps", 0)])
+    assert views == [["A man is sleeping ."], ["The man sleeps"], ["out_the in_man out_sleeps"]]
+    out = tmp_path / "runs" / "tfidf" / "mnli"
+    assert baseline_tfidf.main(["--task", "mnli", "--data_dir", sample["mnli"],
+                                "--output_dir", str(out), "--c_grid", "1"]) == 0
+    results = json.load(open(out / "fiction" / "results.json"))
+    assert 0.0 <= results["test"]["per_domain"]["fiction"] <= 1.0
+
+
 def test_tfidf_baseline_refuses_an_unknown_domain(sample, tmp_path, capsys):
     assert baseline_tfidf.main(["--task", "amazon", "--data_dir", sample["amazon"],
                                 "--output_dir", str(tmp_path / "out"), "--domains", "music"]) == 1
