@@ -91,6 +91,7 @@ set_common() {
   if [ -n "${CACHE_DIR}" ]; then COMMON+=(--cache_dir "${CACHE_DIR}"); fi
   if [ "${DO_TEST}" = 1 ]; then COMMON+=(--do_test); fi
   if [ "${SKIP_FINISHED}" = 1 ]; then COMMON+=(--skip_finished); fi
+  if [ "${LENGTH_BUCKETS}" = 1 ]; then COMMON+=(--length_buckets); fi
   set_extra
   COMMON+=(${EXTRA[@]+"${EXTRA[@]}"})
 }
@@ -184,6 +185,8 @@ VOCAB_FILE=${VOCAB_FILE:-}
 CACHE_DIR=${CACHE_DIR:-}             # tokenized-feature cache; empty: ~/.cache/hrkd
 DO_TEST=${DO_TEST:-1}                # 0: train and keep dev figures only (tuning runs)
 SKIP_FINISHED=${SKIP_FINISHED:-0}    # 1: leave finished runs alone, resume interrupted ones
+LENGTH_BUCKETS=${LENGTH_BUCKETS:-0}  # 1: --length_buckets (batches of similar length, each
+                                     # padded to its longest input; README "Length buckets")
 EXTRA_ARGS=${EXTRA_ARGS:-}           # e.g. "--overwrite", "--resume", "--no_progress"
 TEACHER_CACHE=${TEACHER_CACHE:-}     # stages 2 and 4: on | off (empty: the scripts' default, on)
 

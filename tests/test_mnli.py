@@ -93,3 +93,27 @@ def test_every_stage_runs_on_the_real_sample(tmp_path, minilm_dir, stage):
         "--teacher_dir", str(tmp_path / "teacher"), "--student_config", "tiny_student",
         "--output_dir", str(tmp_path / "student")])
     assert student.returncode == 0, student.stderr
+
+
+def test_one_reproduce_entry_for_both_tasks(tmp_path):
+    import subprocess
+    env = dict(os.environ, PYTHON="echo", OUT_ROOT=str(tmp_path / "runs"), SEEDS="42",
+               MNLI_DIR=str(tmp_path))
+    plan = subprocess.run(["bash", "reproduce.sh", "mnli", "table"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True).stdout
+    commands = [line for line in plan.splitlines() if ".py " in line]
+    assert commands and all("--task mnli" in c or c.startswith("report.py") for c in commands)
+    scripts = {c.split()[0] for c in commands}
+    assert {"train_domain.py", "finetune_domain.py", "train_multi_domain.py",
+            "finetune_multi_domain.py", "train_meta_teacher.py", "finetune_metakd.py",
+            "baseline_tfidf.py", "report.py"} <= scripts
+    assert f"--data_dir {tmp_path}" in commands[0]
+    assert "--domain fiction government slate telephone travel" in commands[0]
+    wrong = subprocess.run(["bash", "reproduce.sh", "poetry", "table"], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+    assert wrong.returncode == 1 and "unknown task 'poetry'" in wrong.stderr
+    # the Amazon name is the same entry
+    amazon = subprocess.run(["bash", "reproduce_amazon.sh", "table"], cwd=ROOT,
+                            env=dict(env, AMAZON_DIR=str(tmp_path)), capture_output=True,
+                            text=True, check=True).stdout
+    assert "--task amazon" in amazon and not (tmp_path / "runs").exists()

@@ -24,7 +24,7 @@ def dry_run(step, tmp_path, **env):
     values = dict(os.environ, PYTHON="echo", OUT_ROOT=str(tmp_path / "runs"),
                   SEEDS="42 43", AMAZON_DIR=str(tmp_path))
     values.update(env)
-    result = subprocess.run(["bash", "reproduce_amazon.sh", step], cwd=ROOT, env=values,
+    result = subprocess.run(["bash", "reproduce.sh", "amazon", step], cwd=ROOT, env=values,
                             capture_output=True, text=True, check=True)
     return result.stdout.splitlines()
 
@@ -40,8 +40,9 @@ def test_table_plan_split_and_linked(tmp_path):
     assert {job.script for job in jobs} == set(scheduler.STAGE_SCRIPTS)  # report/TF-IDF left out
     jobs = scheduler.link([part for job in jobs for part in scheduler.split_job(job)],
                           str(tmp_path / "runs"))
-    # per seed: 4 teachers, stage 3, 4 students, 4 variants, mix, 4 + 1 labels-only
-    assert len(jobs) == 2 * 19
+    # per seed: 4 teachers, stage 3, 4 students, 4 variants, mix, 4 + 1 labels-only, the
+    # meta-teacher and its 4 Meta-KD students
+    assert len(jobs) == 2 * 24
     for job in jobs:
         assert len(job.values("--domain")) <= 1 and len(job.values("--variant")) <= 1
         assert "{" not in " ".join(job.outputs())
@@ -53,6 +54,9 @@ def test_table_plan_split_and_linked(tmp_path):
         elif family(job) == "finetune_multi_domain":
             assert [(family(d), d.value("--seed")) for d in deps] == [
                 ("train_multi_domain", seed)]
+        elif family(job) == "finetune_metakd":   # every domain's student: the one teacher
+            assert [(family(d), d.value("--seed")) for d in deps] == [
+                ("train_meta_teacher", seed)]
         else:
             assert deps == [], job.name
     # stage 3 carries the longest chain (stage 4's students wait on it): it goes first

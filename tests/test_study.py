@@ -349,10 +349,13 @@ def test_reproduce_left_prints_the_plan_and_creates_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "-- table: what is left" in result.stdout and "-- fewshot" in result.stdout
     # one seed: 4 teachers, the stage-3 and the mix teacher, 4 + 4 single-domain students,
-    # 4 stage-4 variants, the multi-domain student on the labels; the few-shot study's 4 ratios
+    # 4 stage-4 variants, the multi-domain student on the labels, the meta-teacher and its 4
+    # Meta-KD students; the few-shot study's 4 ratios
     assert "stage 1: single-domain teachers: 0 of 4 runs finished" in result.stdout
     assert "stage 4: multi-domain students: 0 of 4 runs finished" in result.stdout
-    assert "left: 19 runs" in result.stdout
+    assert "left: 24 runs" in result.stdout
+    assert "Meta-KD stage B: the students of the meta-teacher: 0 of 4 runs finished" in \
+        result.stdout
     assert "stage 4: multi-domain students: 0 of 8 runs finished" in result.stdout  # few-shot
     assert not out.exists()
 
@@ -371,7 +374,7 @@ def test_reproduce_left_counts_finished_stage4_variants(tmp_path):
                             env=dict(os.environ, OUT_ROOT=str(out), SEEDS="42"))
     assert result.returncode == 0, result.stderr
     assert "stage 4: multi-domain students: 1 of 4 runs finished, 3 left" in result.stdout
-    assert "left: 18 runs" in result.stdout
+    assert "left: 23 runs" in result.stdout
 
 
 def test_reproduce_left_on_a_fresh_clone_goes_by_the_committed_runs_of_this_machine(tmp_path):
