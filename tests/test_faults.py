@@ -145,11 +145,30 @@ def test_an_exported_folder_is_a_teacher(sample, tiny_runs, tmp_path):
 
 
 # 7: predict.py keeps one output row per input row; bad bytes are errors; file modes -----------
+class Completed:
+    """predict.py's exit status and output, as subprocess.run gives them (bytes)."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
 def predict(model, args, stdin: bytes = b""):
-    import subprocess
+    """predict.main in this process (a process start per call would cost seconds), with
+    ``stdin`` as its standard input's bytes."""
+    import contextlib
+    import io
     import sys
-    return subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), str(model), *args],
-                          input=stdin, capture_output=True, timeout=120, cwd=ROOT)
+
+    import predict as predict_script
+    out, err = io.StringIO(), io.StringIO()
+    original = sys.stdin
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = predict_script.main([str(model), *args])
+    finally:
+        sys.stdin = original
+    return Completed(code, out.getvalue().encode(), err.getvalue().encode())
 
 
 def test_predict_keeps_rows_aligned_and_refuses_bad_bytes(tiny_runs, tmp_path):
@@ -199,11 +218,19 @@ def stage1(sample, out, *extra, steps=6):
             str(out), "--do_train", "--do_test", *extra]
 
 
-@pytest.mark.parametrize("how", [[], ["--skip_finished"], ["--resume"]])
-def test_a_run_killed_before_its_first_checkpoint_starts_afresh(sample, tmp_path, how):
-    import utils
-    full = run_script("train_domain.py", stage1(sample, tmp_path / "full"))
+@pytest.fixture(scope="module")
+def uninterrupted(sample, tmp_path_factory):
+    """The stage-1 run of ``stage1``'s flags, uninterrupted, in a process of its own."""
+    out = tmp_path_factory.mktemp("faults_full") / "full"
+    full = run_script("train_domain.py", stage1(sample, out))
     assert full.returncode == 0, full.stderr
+    return out
+
+
+@pytest.mark.parametrize("how", [[], ["--skip_finished"], ["--resume"]])
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(sample, tmp_path, how,
+                                                                 uninterrupted):
+    import utils
     cut = tmp_path / "cut"
     killed = run_script("train_domain.py", stage1(sample, cut), {"HRKD_KILL_AT_STEP": "1"})
     assert killed.returncode == -9
@@ -214,7 +241,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(sample, tmp_path
     assert f"starting afresh: {cut} (its run stopped before its first checkpoint)" in \
         again.stderr
     assert json.load(open(cut / "results.json")) == json.load(
-        open(tmp_path / "full" / "results.json"))
+        open(uninterrupted / "results.json"))
     assert utils.run_status(str(cut), need_test=True)["state"] == "finished"
 
 
@@ -357,10 +384,8 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(sample, tmp_path,
-                                                                      small_disk):
-    full = run_script("train_domain.py", stage1(sample, tmp_path / "full"))
-    assert full.returncode == 0, full.stderr
+def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(sample, small_disk,
+                                                                      uninterrupted):
     cut = small_disk / "run"
     began = time.monotonic()
     stopped = run_script("train_domain.py", stage1(sample, cut),
@@ -375,7 +400,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(sample, tm
     resumed = run_script("train_domain.py", stage1(sample, cut, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert json.load(open(cut / "results.json")) == json.load(
-        open(tmp_path / "full" / "results.json"))
+        open(uninterrupted / "results.json"))
 
 
 def test_a_full_disk_at_the_start_is_named(sample, tmp_path, small_disk):

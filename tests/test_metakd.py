@@ -324,12 +324,20 @@ def test_meta_teacher_sigterm_then_resume_matches_the_uninterrupted_run(sample, 
     assert all(torch.equal(branch[0][k], branch[1][k]) for k in branch[0])
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_student(sample, meta_teacher, tmp_path_factory):
+    """The student run the stopped ones must end as (its own process, as theirs)."""
+    out = tmp_path_factory.mktemp("metakd_full") / "full"
+    full = run_script("finetune_metakd.py", student_argv(sample, meta_teacher, out))
+    assert full.returncode == 0, full.stderr
+    return out
+
+
 @pytest.mark.parametrize("kill_at,phase", [(2, "B1"), (5, "B2")])
 def test_student_sigterm_then_resume_in_either_phase(sample, meta_teacher, tmp_path, kill_at,
-                                                     phase):
+                                                     phase, uninterrupted_student):
     """B1 runs 3 steps, B2 6: step 2 stops B1, step 5 stops B2 (B1's steps end at 3)."""
-    full = run_script("finetune_metakd.py", student_argv(sample, meta_teacher, tmp_path / "full"))
-    assert full.returncode == 0, full.stderr
+    full = uninterrupted_student
     cut = tmp_path / "cut"
     stopped = run_script("finetune_metakd.py", student_argv(sample, meta_teacher, cut),
                          {"HRKD_KILL_AT_STEP": str(kill_at), "HRKD_KILL_SIGNAL": "TERM"})
@@ -344,9 +352,8 @@ def test_student_sigterm_then_resume_in_either_phase(sample, meta_teacher, tmp_p
     resumed = run_script("finetune_metakd.py", student_argv(sample, meta_teacher, cut)
                          + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr
-    assert json.load(open(cut / "results.json")) == json.load(
-        open(tmp_path / "full" / "results.json"))
-    assert same_weights(cut / "best_model.bin", tmp_path / "full" / "best_model.bin")
+    assert json.load(open(cut / "results.json")) == json.load(open(full / "results.json"))
+    assert same_weights(cut / "best_model.bin", full / "best_model.bin")
     again = run_script("finetune_metakd.py", student_argv(sample, meta_teacher, cut)
                        + ["--skip_finished"])
     assert again.returncode == 0 and "skipped (finished)" in again.stderr
