@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_processing import concat_domain_batches
-from distillation import frozen_teacher_outputs, full_precision, teacher_layer_for
+from distillation import full_precision, teacher_layer_for
 from modeling import find_weights_file, model_from_checkpoint, read_checkpoint
-from objectives import freeze
+from objectives import batch_inputs, freeze, one_teacher_output
 from runtime import to_device, unwrap
 from utils import RunDir, atomic_torch_save, logger, run_status
 
@@ -349,13 +349,9 @@ def make_intermediate_loss(teacher, teacher_branch: DomainBranch, student_branch
 
     def compute_loss(student, batches):
         batch = batches[0]
-        inputs = (batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
-        student_layers = unwrap(student).config.num_hidden_layers
-        cached = targets.outputs(batches) if targets is not None else None
-        teacher_out = cached[0] if cached else frozen_teacher_outputs(teacher, *inputs, None,
-                                                                      student_layers)
+        teacher_out = one_teacher_output(teacher, student, batches, targets)
         domain_ids = torch.full_like(batch["labels"], domain_id)
-        out, fitted = student_forward(student, inputs)
+        out, fitted = student_forward(student, batch_inputs(batch))
         # the student's feature goes through its last level's fit map to the teacher's width
         student_feature = unwrap(student).fit_denses[-1](
             student_branch.feature(out.hidden_states[-1], domain_ids))
@@ -384,15 +380,8 @@ def make_prediction_loss(teacher, config: MetaKDConfig, targets=None):
     builds no attention scores)."""
 
     def compute_loss(student, batches):
-        batch = batches[0]
-        inputs = (batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
-        cached = targets.outputs(batches) if targets is not None else None
-        if cached:
-            teacher_logits = cached[0].logits
-        else:
-            with torch.inference_mode():
-                teacher_logits = teacher(*inputs, score_layers=(), fit=False).logits.clone()
-        logits = student(*inputs, score_layers=(), fit=False).logits
+        teacher_logits = one_teacher_output(teacher, student, batches, targets).logits
+        logits = student(*batch_inputs(batches[0]), score_layers=(), fit=False).logits
         return {"loss": prediction_loss(logits, teacher_logits, config.temperature)}
 
     return compute_loss

@@ -264,19 +264,29 @@ def cross_entropy_loss(model, batches):
     return {"loss": F.cross_entropy(logits.float(), batch["labels"])}
 
 
+def batch_inputs(batch):
+    """The model inputs of a batch: ids, segments, mask."""
+    return batch["input_ids"], batch["segment_ids"], batch["attention_mask"]
+
+
+def one_teacher_output(teacher, student, batches, targets=None):
+    """What a one-domain distillation stage reads from its frozen teacher for ``batches[0]``:
+    the teacher cache's targets when it is filled (``targets``), else a frozen forward."""
+    cached = targets.outputs(batches) if targets is not None else None
+    if cached:
+        return cached[0]
+    return frozen_teacher_outputs(teacher, *batch_inputs(batches[0]), None,
+                                  unwrap(student).config.num_hidden_layers)
+
+
 def make_kd_loss(teacher, distill: DistillConfig, targets=None):
     """Stage 2 (TinyBERT-KD): hidden-state, attention and prediction distillation. With
     ``targets`` (teacher_cache.TeacherTargets, once filled) the teacher's outputs are read
     from the cache instead of recomputed."""
 
     def compute_loss(student, batches):
-        batch = batches[0]
-        inputs = (batch["input_ids"], batch["segment_ids"], batch["attention_mask"])
-        student_layers = unwrap(student).config.num_hidden_layers
-        cached = targets.outputs(batches) if targets is not None else None
-        teacher_out = cached[0] if cached else frozen_teacher_outputs(teacher, *inputs, None,
-                                                                      student_layers)
-        student_out = student(*inputs)
+        teacher_out = one_teacher_output(teacher, student, batches, targets)
+        student_out = student(*batch_inputs(batches[0]))
         return tinybert_kd_loss(student_out, teacher_out, distill.hidden_ratio,
                                 distill.pred_ratio, distill.temperature)
 
