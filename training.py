@@ -126,9 +126,12 @@ class LoopConfig:
     @classmethod
     def from_args(cls, args) -> "LoopConfig":
         """The one place the stage flags become the loop's config."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"progress"}
-        return cls(progress=not args.no_progress,
-                   **{name: getattr(args, name) for name in fields})
+        # a flag the namespace lacks (one built by hand before the flag existed) takes the
+        # field's default; the required fields must be there
+        values = {f.name: (getattr(args, f.name) if f.default is dataclasses.MISSING
+                           else getattr(args, f.name, f.default))
+                  for f in dataclasses.fields(cls) if f.name != "progress"}
+        return cls(progress=not args.no_progress, **values)
 
 
 @dataclasses.dataclass
