@@ -368,22 +368,24 @@ def test_event_file_reads_back_in_tensorboard(tmp_path):
     assert [e.value for e in loss] == pytest.approx([1.0, 0.5, 1 / 300], rel=1e-6)
 
 
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="mounting the small tmpfs of a full disk needs root")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 24 MiB tmpfs of its own (mounted as root; elsewhere the test cannot run)."""
+    """A 24 MiB tmpfs of its own (mounted as root: the tests using it are skipped otherwise)."""
     import subprocess
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
     folder = tmp_path / "disk"
     folder.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(folder)],
                              capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    assert mounted.returncode == 0, f"cannot mount a tmpfs as root: {mounted.stderr.strip()}"
     yield folder
     subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+@needs_root
 def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(sample, small_disk,
                                                                       uninterrupted):
     cut = small_disk / "run"
@@ -403,6 +405,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_finishes_it(sample, sm
         open(uninterrupted / "results.json"))
 
 
+@needs_root
 def test_a_full_disk_at_the_start_is_named(sample, tmp_path, small_disk):
     with open(small_disk / "filler", "wb") as handle:
         try:
