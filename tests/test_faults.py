@@ -6,7 +6,6 @@ import time
 
 import pytest
 
-from conftest import ROOT
 from data_processing import CustomProcessor, DataError, read_table
 from sample_corpus import write_custom_corpus
 from test_reliability import run_script

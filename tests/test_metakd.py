@@ -15,7 +15,7 @@ import train_meta_teacher
 import training
 import utils
 from conftest import tiny_teacher_args
-from modeling import BertClassifier, ModelOutput, resolve_config
+from modeling import BertClassifier, resolve_config
 from test_golden import assert_golden
 from test_reliability import run_script, same_weights
 
@@ -155,7 +155,8 @@ def test_intermediate_loss_weights_each_instance_or_the_batch_mean():
     w = torch.tensor([0.3, 0.6])
     per_example = [1.0 + 0.5 + 0.5 * 2.0, 3.0 + 0.0 + 0.5 * 4.0]        # 2.5, 5.0
     out = metakd.intermediate_loss(terms, w, 0.5)
-    assert out["loss"].item() == pytest.approx((0.3 * 2.5 + 0.6 * 5.0) / 2, rel=1e-6)
+    assert out["loss"].item() == pytest.approx((0.3 * per_example[0] + 0.6 * per_example[1])
+                                               / 2, rel=1e-6)
     code = metakd.intermediate_loss(terms, w, 0.5, on_batch_mean=True)
     # the code: (mean hid + mean att + 0.5 mean dom) * mean w = 3.75 * 0.45
     assert code["loss"].item() == pytest.approx((2.0 + 0.25 + 0.5 * 3.0) * 0.45, rel=1e-6)
