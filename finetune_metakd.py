@@ -84,9 +84,7 @@ def run(args):
         student = build_student(args.student_config, args.student_init, args.student_init_layers,
                                 len(context.tokenizer), len(context.labels), teacher.config,
                                 args.max_seq_length)
-        student_branch = DomainBranch(student.config.hidden_size, len(domains),
-                                      student.config.hidden_dropout_prob,
-                                      student.config.initializer_range).to(device)
+        student_branch = DomainBranch.of(student.config, len(domains)).to(device)
         config = MetaKDConfig(domain_loss_weight=args.domain_loss_weight,
                               temperature=args.temperature,
                               on_batch_mean=args.weights_on_batch_mean)

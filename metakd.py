@@ -192,6 +192,12 @@ class DomainBranch(nn.Module):
         for module in (self.dense, self.classifier):
             module.bias.data.zero_()
 
+    @classmethod
+    def of(cls, config, num_domains: int) -> "DomainBranch":
+        """The branch of a model of ``config`` (its width, dropout and initialiser range)."""
+        return cls(config.hidden_size, num_domains, config.hidden_dropout_prob,
+                   config.initializer_range)
+
     def feature(self, last_hidden: torch.Tensor, domain_ids: torch.Tensor) -> torch.Tensor:
         return self.dense(self.embedding(domain_ids) + tail_mean(last_hidden))
 
@@ -267,7 +273,7 @@ def load_meta_teacher(teacher_dir: str, device, amp: str):
                          f"a train_meta_teacher.py run")
     teacher = freeze(model_from_checkpoint(path), amp).to(device)
     state = content["domain_branch_state_dict"]
-    branch = DomainBranch(teacher.config.hidden_size, state["embedding.weight"].shape[0])
+    branch = DomainBranch.of(teacher.config, state["embedding.weight"].shape[0])
     branch.load_state_dict(state)
     return teacher, freeze(branch).to(device), list(content["domains"]), path
 

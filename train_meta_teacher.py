@@ -78,9 +78,7 @@ def run(args):
                                    device, context.dist.is_main)
         config = MetaKDConfig(domain_loss_weight=args.domain_loss_weight,
                               sample_weights=args.sample_weights)
-        branch = DomainBranch(model.config.hidden_size, len(context.domains),
-                              model.config.hidden_dropout_prob,
-                              model.config.initializer_range).to(device)
+        branch = DomainBranch.of(model.config, len(context.domains)).to(device)
 
         def keep_weights():
             if context.dist.is_main:
