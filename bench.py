@@ -260,6 +260,9 @@ def run_benchmarks(args) -> dict:
     if "deploy" in cases:
         import deploy_bench
         deploy_bench.deploy_benchmarks(args, results)
+    if "scheduler" in cases:
+        import scheduler_bench
+        scheduler_bench.scheduler_benchmarks(args, results)
     if "inference" in cases:
         inference_benchmarks(args, device, teacher_config, student_config, generator, results)
     return results
@@ -668,7 +671,9 @@ def build_parser():
                              "(stages 2 and 4 on real MNLI pairs, padded against "
                              "--length_buckets), inference, "
                              "deploy (every deployed form at the real and paper sizes on "
-                             "real reviews: deploy_bench.py; needs onnxruntime)")
+                             "real reviews: deploy_bench.py; needs onnxruntime), scheduler "
+                             "(a 12-run tiny plan through scheduler.py's Ray tasks against "
+                             "the scheduler before Ray: scheduler_bench.py)")
     parser.add_argument("--deploy_texts", type=int, default=200,
                         help="deploy: reviews timed one by one at batch 1")
     parser.add_argument("--deploy_batches", type=int, default=3,
@@ -686,6 +691,13 @@ def build_parser():
                         metavar=("B1", "B2", "STAGE2"),
                         help="metakd: the epochs of Meta-KD's B1 and B2 and of the TinyBERT-KD "
                              "student its cost is compared with (presets/real.sh)")
+    parser.add_argument("--scheduler_baseline", default="929c4c0",
+                        help="scheduler: the git commit whose scheduler.py (subprocesses of "
+                             "its own, before Ray) is the baseline")
+    parser.add_argument("--scheduler_rounds", type=int, default=2,
+                        help="scheduler: rounds of both (ABBA order)")
+    parser.add_argument("--scheduler_steps", type=int, default=20,
+                        help="scheduler: optimisation steps of each tiny run")
     parser.add_argument("--out", help="write the JSON here (default: stdout)")
     return parser
 

@@ -12,6 +12,8 @@
 #   bash gpu_study.sh rehearse   # here: the same run in miniature on the CPU (one seed, one
 #                                # ratio, T = 32, 2 steps a run), to check the call end to end
 # then here: python utils.py collect <files_at>/runs results/amazon_t128_gpu; report.py.
+# scheduler.py runs the plans as Ray tasks, so the machine needs Ray (requirements.txt); the
+# device tool's lent machines have none and no registry, so `run` refuses there in one line.
 #
 # Settings from the environment: SEEDS (default "42 43 44"), JOBS (12: processes at a time),
 # THREADS (1: CPU threads per process), DEADLINE_S (500), WORK (/tmp/hrkd_study: runs, data,
@@ -63,6 +65,13 @@ run() {
   if [ ! -f "${PACK}/minilm/model.safetensors" ] || [ ! -f "${PACK}/amazon.tar.xz" ]; then
     echo "error: ${PACK}/: no packed weights or reviews (bash gpu_study.sh pack, then carry" \
          "[\"${PACK}\"])" >&2
+    exit 1
+  fi
+  if ! "${PY}" -c "import ray" 2> /dev/null; then
+    # scheduler.py runs the plans as Ray tasks; the lent GPU machines have no Ray and cannot get
+    # it (no package registry there, and its wheel, 79 MB, is over what a call carries)
+    echo "error: ${PY}: no Ray (scheduler.py runs the plans as Ray tasks): pip install" \
+         "ray==2.60.0 on this machine" >&2
     exit 1
   fi
   mkdir -p "${work}/data" "${out}"

@@ -19,7 +19,9 @@
 #                                      # stage 4 with STUDY_VARIANTS for every seed of SEEDS; then
 #                                      # STUDY_CLEAN_VARIANTS with every domain clean (the table's
 #                                      # stage-3 teacher)
-# JOBS=2 bash reproduce.sh amazon all: the stage processes two at a time (scheduler.py).
+# JOBS=2 bash reproduce.sh amazon all: the stage processes two at a time (scheduler.py, Ray
+# tasks on a local Ray instance); RAY_ADDRESS=head:6379 runs them over a Ray cluster (README,
+# More machines).
 # Settings from the environment: SEEDS (default "42"), PRESET (default real: T = 128;
 # real_t64: the old CPU configuration; mnli for MNLI), AMAZON_DIR (default dataset/amazon, else
 # ../shared/data/amazon), MNLI_DIR (default dataset/MNLI, else ../shared/data/mnli_sample),
@@ -70,9 +72,12 @@ Settings from the environment: SEEDS, MAX_SEQ_LENGTH, AMAZON_DIR / MNLI_DIR, OUT
 PYTHON (default: .venv/bin/python, else python3; PYTHON=echo prints the commands and writes
 nothing), NUM_GPU, AMP, and any launcher variable. Runs that finished are skipped and
 interrupted ones resumed (SKIP_FINISHED=1), so a step can be rerun after a stop.
-JOBS=N (table, fewshot, all): N stage processes at a time (scheduler.py: one per domain and
-stage-4 variant, each after its teachers, the students of finished teachers first), THREADS
-threads each (default: the cores over N); e.g. JOBS=2 on the 2-core machine of RESULTS.md.
+JOBS=N (table, fewshot, all): N stage processes at a time (scheduler.py: Ray tasks, one per
+domain and stage-4 variant, each after its teachers, the students of finished teachers first),
+THREADS threads each (default: the cores over N); e.g. JOBS=2 on the 2-core machine of
+RESULTS.md. RAY_ADDRESS=HOST:PORT: the same over a Ray cluster (as many at a time as its CPUs
+hold unless JOBS says; THREADS default 1; GPUS_PER_RUN=0.25 puts four runs on a GPU; README,
+More machines).
 TEXT
   local timings=${OUT_ROOT:-runs/${TASK:-amazon}_real}/timings.tsv
   if [ -f "${timings}" ]; then
@@ -369,37 +374,48 @@ study() {
     --study_domain "${noisy}"
 }
 
-# JOBS > 1 (table, fewshot, all): first the step's stage commands, JOBS processes at a time,
-# through scheduler.py (one process per domain and stage-4 variant, each after its teachers, the
-# students of finished teachers first: --order students), THREADS threads each (default: the
-# cores over JOBS); logs and schedule.tsv in OUT_ROOT/schedule/. Then the step runs as usual:
-# it skips every finished run and adds TF-IDF and the report.
+# JOBS > 1 or RAY_ADDRESS (table, fewshot, all): first the step's stage commands as Ray tasks
+# through scheduler.py (one run per domain and stage-4 variant, each after its teachers, the
+# students of finished teachers first: --order students), JOBS at a time (on a cluster without
+# JOBS: as many as its CPUs hold), THREADS threads each (default: the cores over JOBS) and
+# GPUS_PER_RUN GPUs each (default 0); logs and schedule.tsv in OUT_ROOT/schedule/. Then the step
+# runs as usual: it skips every finished run and adds TF-IDF and the report.
 parallel() {  # steps...
-  local dir=${OUT_ROOT}/schedule step plans=() cores threads
+  local dir=${OUT_ROOT}/schedule step plans=() cores threads jobs=()
   cores=$(nproc 2> /dev/null || echo 1)
-  threads=${THREADS:-$(( cores / JOBS > 0 ? cores / JOBS : 1 ))}
+  threads=${THREADS:-$(( JOBS_GIVEN == 1 && cores / JOBS > 0 ? cores / JOBS : 1 ))}
   local modes=${*/table/full}
   left "${modes}"
   mkdir -p "${dir}"
   for step in "$@"; do
-    PYTHON=echo JOBS=1 bash "$0" "${TASK}" "${step}" > "${dir}/${step}.plan" 2> /dev/null
+    PYTHON=echo JOBS=1 RAY_ADDRESS= bash "$0" "${TASK}" "${step}" > "${dir}/${step}.plan" \
+      2> /dev/null
     plans+=("${dir}/${step}.plan")
   done
-  echo "== ${JOBS} processes at a time, ${threads} thread(s) each (scheduler.py; logs in ${dir}/logs)"
-  if ! "${PYTHON}" scheduler.py "${plans[@]}" --split --jobs "${JOBS}" --threads "${threads}" \
-       --order "${ORDER:-students}" --python "${PYTHON}" --log_dir "${dir}/logs"; then
-    echo "error: some runs failed or were skipped (${dir}/logs/schedule.tsv names them, each" \
-         "with its log); rerun the same command to retry them" >&2
+  local at_a_time="as many processes at a time as the cluster holds"
+  if [ "${JOBS_GIVEN}" = 1 ] || [ -z "${RAY_ADDRESS:-}" ]; then
+    jobs=(--jobs "${JOBS}")
+    at_a_time="${JOBS} processes at a time"
+  fi
+  echo "== ${at_a_time}, ${threads} thread(s) each" \
+       "(scheduler.py on ${RAY_ADDRESS:-a local Ray instance}; logs in ${dir}/logs)"
+  if ! "${PYTHON}" scheduler.py "${plans[@]}" --split "${jobs[@]}" --threads "${threads}" \
+       --gpus_per_run "${GPUS_PER_RUN:-0}" --order "${ORDER:-students}" --python "${PYTHON}" \
+       --root "${OUT_ROOT}" --log_dir "${dir}/logs"; then
+    echo "error: some runs failed, were skipped or were stopped (${dir}/logs/schedule.tsv" \
+         "names them, each with its log); rerun the same command to continue" >&2
     exit 1
   fi
 }
 
+JOBS_GIVEN=${JOBS:+1}
+JOBS_GIVEN=${JOBS_GIVEN:-0}
 JOBS=${JOBS:-1}
 if ! [[ "${JOBS}" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: JOBS=${JOBS}: a number of processes at a time (1 or more)" >&2
   exit 1
 fi
-if [ "${JOBS}" -gt 1 ] && [ "${DRY_RUN}" = 0 ]; then
+if { [ "${JOBS}" -gt 1 ] || [ -n "${RAY_ADDRESS:-}" ]; } && [ "${DRY_RUN}" = 0 ]; then
   case "${STEP}" in
     table|fewshot) parallel "${STEP}" ;;
     all) parallel table fewshot ;;

@@ -315,7 +315,9 @@ def _injected_fault(step: int, rank: int, run_path: str = "."):
     [HRKD_KILL_SIGNAL=KILL|TERM|INT] sends the signal (default SIGKILL) to the process right
     after optimisation step N (on rank r only, if given); HRKD_FILL_DISK_AT_STEP=N fills the
     run directory's file system there (a file ``.hrkd-filler`` beside the run directory,
-    written until the disk says it is full)."""
+    written until the disk says it is full); HRKD_HOLD_AT_STEP=N with HRKD_HOLD_RUN=<run
+    directory> holds that run once after step N (it writes ``.held`` there) until a signal
+    arrives: a node lost mid-run."""
     if os.environ.get("HRKD_FILL_DISK_AT_STEP") == str(step):
         filler = os.path.join(os.path.dirname(os.path.abspath(run_path)), ".hrkd-filler")
         with open(filler, "ab", buffering=0) as handle:
@@ -329,12 +331,25 @@ def _injected_fault(step: int, rank: int, run_path: str = "."):
                     handle.write(b"\0")
             except OSError:
                 pass
+    if os.environ.get("HRKD_HOLD_AT_STEP") == str(step) and os.path.abspath(run_path) == \
+            os.path.abspath(os.environ.get("HRKD_HOLD_RUN", "")) and \
+            not os.path.exists(os.path.join(run_path, ".held")):
+        _hold(run_path)
     target = os.environ.get("HRKD_KILL_AT_STEP")
     if not target or int(target) != step:
         return
     if os.environ.get("HRKD_KILL_RANK", str(rank)) == str(rank):
         import signal
         os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("HRKD_KILL_SIGNAL", "KILL")))
+
+
+def _hold(run_path: str):
+    """Write ``<run>/.held`` and wait for SIGINT / SIGTERM (then the step boundary stops)."""
+    import time
+    with open(os.path.join(run_path, ".held"), "w") as handle:
+        handle.write(str(os.getpid()))
+    while not STOPS.signum:
+        time.sleep(0.05)
 
 
 def _stop_if_asked(state: TrainState, total_steps: int, dist: Distributed, resume_state):

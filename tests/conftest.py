@@ -81,3 +81,60 @@ def train_tiny_runs(sample, root):
         assert main(tiny_teacher_args(sample, root / name, 3, "--learning_rate", "1e-3",
                                       "--do_train")) == 0
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# Ray: the tests that start it send traffic to loopback alone
+# --------------------------------------------------------------------------------------------
+CLONE_NEWNET = 0x40000000
+
+
+def isolate_network() -> bool:
+    """Move this process's main thread, and so every process it starts from then on (Ray's
+    among them), into a network namespace of its own where only loopback is up. Needs root
+    (unshare(2)); elsewhere nothing changes and False is returned (Ray still listens on
+    127.0.0.1 alone: the tests pass it as the node address)."""
+    import ctypes
+    import subprocess
+    if getattr(isolate_network, "done", False):
+        return True
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return False
+    if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+        return False
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    isolate_network.done = True
+    return True
+
+
+@pytest.fixture(scope="session")
+def loopback_only():
+    """The rest of the session in a network namespace with loopback alone (isolate_network)."""
+    return isolate_network()
+
+
+@pytest.fixture(scope="session")
+def ray_token(loopback_only):
+    """Token authentication on for every Ray instance the tests start, with a token of the
+    session's (RAY_AUTH_TOKEN), so that nothing is written to ~/.ray."""
+    import uuid
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex)
+    yield os.environ["RAY_AUTH_TOKEN"]
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_token):
+    """A local Ray instance of one CPU on 127.0.0.1 for a module's tests, stopped after them;
+    scheduler.main runs its tasks there instead of starting an instance of its own."""
+    import ray
+    from ray.job_config import JobConfig
+    ray.init(address="local", num_cpus=1, _node_ip_address="127.0.0.1", include_dashboard=False,
+             log_to_driver=False, job_config=JobConfig(code_search_path=[ROOT]))
+    yield ray
+    ray.shutdown()

@@ -1,20 +1,25 @@
 """scheduler.py: the study's commands in parallel, each after its teachers, small files kept.
 
 The order and the dependencies are checked on the real dry runs of reproduce_amazon.sh; the
-running (parallelism, a failure's dependants, the deadline, the mirror) with a stand-in
-interpreter that writes what a finished run writes, so no model trains here. That one process
-per domain or variant gives the same runs as one process for all is tested in test_stages.py.
+running (Ray tasks on a local instance of one CPU: a failure's retries and dependants, the
+deadline, a stop, the mirror) with a stand-in interpreter that writes what a finished run
+writes, so no model trains here. That one process per domain or variant gives the same runs as
+one process for all is tested in test_stages.py; real stages on a two-node cluster, a lost node
+and token authentication in test_ray_cluster.py.
 """
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 
+import cluster
 import scheduler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,11 +87,15 @@ def test_fewshot_students_wait_on_their_ratio_s_teachers(tmp_path):
 STAND_IN = textwrap.dedent("""\
     #!{python}
     # Stands in for the interpreter: "runs" a stage by writing what a finished run writes.
-    import json, os, sys, time
+    import json, os, signal, sys, time
     sys.path.insert(0, {root!r})
     from plan import flag_values
     args = sys.argv[2:]
     values = lambda flag: flag_values(args, flag)  # noqa: E731
+    def stopped(signum, frame):
+        open({log!r} + ".stopped", "a").write(" ".join(args) + "\\n")
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stopped)
     domains = values("--domain") or [None]
     for domain in domains:
         out = values("--output_dir")[0].replace("{{domain}}", domain or "").replace(
@@ -97,11 +106,15 @@ STAND_IN = textwrap.dedent("""\
             sys.exit(4)  # started before its teacher finished
         if "--skip_finished" in args and os.path.isfile(os.path.join(out, "results.json")):
             continue  # as the stages do: a finished run is left alone
-        with open(os.environ["STAND_IN_LOG"], "a") as log:
-            log.write(f"{{time.time()}} {{out}}\\n")
-        if "slow" in out:
+        with open({log!r}, "a") as log:
+            log.write(f"{{time.time()}} {{out}} {{' '.join(args)}}\\n")
+        if "slow" in (domain or ""):
             time.sleep(60)
-        if "fail" in out:
+        if "fail" in (domain or ""):
+            sys.exit(f"error: {{out}} fails here")
+        if domain == "flaky" and not os.path.exists(out + ".tried"):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            open(out + ".tried", "w").close()
             sys.exit(3)
         os.makedirs(out, exist_ok=True)
         json.dump({{"args": {{"do_test": True}}}}, open(os.path.join(out, "config.json"), "w"))
@@ -111,11 +124,11 @@ STAND_IN = textwrap.dedent("""\
 
 
 @pytest.fixture
-def stand_in(tmp_path, monkeypatch):
+def stand_in(tmp_path):
     path = tmp_path / "python"
-    path.write_text(STAND_IN.format(python=sys.executable, root=ROOT))
+    path.write_text(STAND_IN.format(python=sys.executable, root=ROOT,
+                                    log=str(tmp_path / "started.log")))
     path.chmod(0o755)
-    monkeypatch.setenv("STAND_IN_LOG", str(tmp_path / "started.log"))
     return str(path)
 
 
@@ -125,8 +138,21 @@ def write_plan(path, root, lines):
     return str(path)
 
 
+def states(logs):
+    """{job: state} of schedule.tsv."""
+    rows = (logs / "schedule.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["job", "started", "ended", "wall_s", "exit", "state", "node",
+                                    "tries", "command"]
+    return {row.split("\t")[0]: row.split("\t")[5] for row in rows[1:]}
+
+
+def started(tmp_path):
+    """The output folders the stand-in began, in order."""
+    return [line.split()[1] for line in (tmp_path / "started.log").read_text().splitlines()]
+
+
 def test_runs_after_teachers_skips_a_failure_s_dependants_and_keeps_small_files(
-        tmp_path, stand_in):
+        tmp_path, stand_in, local_ray, capsys):
     runs, mirror, logs = tmp_path / "runs", tmp_path / "mirror", tmp_path / "logs"
     plan = write_plan(tmp_path / "table.plan", runs, [
         "train_domain.py --domain a b fail --output_dir R/t/{domain}/seed1",
@@ -140,14 +166,35 @@ def test_runs_after_teachers_skips_a_failure_s_dependants_and_keeps_small_files(
                   for d, _, files in os.walk(mirror) for f in files)
     assert kept == [f"{stage}/{domain}/seed1/{name}" for stage in ("s", "t")
                     for domain in ("a", "b") for name in ("config.json", "results.json")]
-    rows = (logs / "schedule.tsv").read_text().splitlines()
-    states = {row.split("\t")[0]: row.split("\t")[5] for row in rows[1:]}
-    assert sorted(states.values()) == ["done"] * 4 + ["failed"]  # s/fail never started
+    assert sorted(states(logs).values()) == ["done"] * 4 + ["failed"]  # s/fail never started
     assert not (runs / "s" / "fail").exists()
-    assert (logs / "002_t.fail.seed1.log").read_text().startswith("train_domain.py --domain fail")
+    # three tries, the later ones resuming (--skip_finished); reported with the log's last line
+    log = (logs / "002_t.fail.seed1.log").read_text()
+    assert log.startswith("train_domain.py --domain fail")
+    tries = [line for line in log.splitlines() if line.startswith("== attempt ")]
+    assert [line.split(" of ")[0] for line in tries] == [f"== attempt {n}" for n in (1, 2, 3)]
+    assert [line.endswith("--skip_finished") for line in tries] == [False, True, True]
+    assert started(tmp_path).count(f"{runs}/t/fail/seed1") == 3
+    out = capsys.readouterr().out
+    assert f"failed 002_t.fail.seed1 (" in out and \
+        f"exit 1, 3 tries): error: {runs}/t/fail/seed1 fails here" in out
+    assert "left (2; the same command resumes them): 002_t.fail.seed1 005_s.fail.seed1" in out
 
 
-def test_deadline_stops_running_jobs(tmp_path, stand_in):
+def test_a_flaky_run_is_tried_again_and_resumes(tmp_path, stand_in, local_ray):
+    runs, logs = tmp_path / "runs", tmp_path / "logs"
+    plan = write_plan(tmp_path / "p.plan", runs, [
+        "train_domain.py --domain flaky --overwrite --output_dir R/t/{domain}/seed1"])
+    assert scheduler.main([plan, "--python", stand_in, "--log_dir", str(logs),
+                           "--root", str(runs)]) == 0
+    assert states(logs) == {"000_t.flaky.seed1": "done"}
+    row = (logs / "schedule.tsv").read_text().splitlines()[1].split("\t")
+    assert row[6] and row[7] == "2"   # the node, the second try
+    second = (tmp_path / "started.log").read_text().splitlines()[1]
+    assert second.endswith("/seed1 --skip_finished") and "--overwrite" not in second
+
+
+def test_deadline_stops_running_jobs(tmp_path, stand_in, local_ray):
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     plan = write_plan(tmp_path / "p.plan", runs, [
         "train_domain.py --domain slow --output_dir R/t/{domain}/seed1",
@@ -155,25 +202,49 @@ def test_deadline_stops_running_jobs(tmp_path, stand_in):
         "--output_dir R/s/{domain}/seed1"])
     began = time.time()
     code = scheduler.main([plan, "--python", stand_in, "--log_dir", str(logs),
-                           "--deadline_s", "2"])
+                           "--deadline_s", "4"])
     assert code == 1 and time.time() - began < 30
-    rows = (logs / "schedule.tsv").read_text().splitlines()[1:]
-    assert [row.split("\t")[5] for row in rows] == ["stopped"]
+    assert list(states(logs).values()) == ["stopped"]
+    # the stage got SIGTERM (it stops at a step boundary), not a kill
+    assert (tmp_path / "started.log.stopped").read_text().startswith("--domain slow")
 
 
-def test_gives_up_when_the_first_jobs_all_fail(tmp_path, stand_in):
+def test_sigterm_stops_the_running_stages_and_says_what_is_left(tmp_path, stand_in, local_ray,
+                                                                 capsys):
+    runs, logs = tmp_path / "runs", tmp_path / "logs"
+    plan = write_plan(tmp_path / "p.plan", runs, [
+        "train_domain.py --domain slow --output_dir R/t/{domain}/seed1",
+        "finetune_domain.py --domain slow --teacher_dir R/t/{domain}/seed1 "
+        "--output_dir R/s/{domain}/seed1"])
+    timer = threading.Timer(4, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    began = time.time()
+    try:
+        code = scheduler.main([plan, "--python", stand_in, "--log_dir", str(logs)])
+    finally:
+        timer.cancel()
+    assert code == 1 and time.time() - began < 30
+    assert list(states(logs).values()) == ["stopped"]
+    assert (tmp_path / "started.log.stopped").is_file()
+    out = capsys.readouterr().out
+    assert "SIGTERM: stopping 1 running run(s)" in out
+    assert "left (2; the same command resumes them): 000_runs.t.slow.seed1 001_runs.s.slow.seed1" \
+        in out
+
+
+def test_gives_up_when_the_first_jobs_all_fail(tmp_path, stand_in, local_ray):
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     plan = write_plan(tmp_path / "p.plan", runs, [
         "train_domain.py --domain fail1 fail2 slow --output_dir R/t/{domain}/seed1"])
     began = time.time()
-    code = scheduler.main([plan, "--split", "--jobs", "3", "--python", stand_in,
+    code = scheduler.main([plan, "--split", "--jobs", "1", "--python", stand_in,
                            "--log_dir", str(logs), "--give_up_after", "2"])
     assert code == 1 and time.time() - began < 30
-    rows = (logs / "schedule.tsv").read_text().splitlines()[1:]
-    assert sorted(row.split("\t")[5] for row in rows) == ["failed", "failed", "stopped"]
+    assert sorted(states(logs).values()) == ["failed", "failed"]
+    assert f"{runs}/t/slow/seed1" not in started(tmp_path)
 
 
-def test_earlier_plans_first(tmp_path, stand_in):
+def test_earlier_plans_first(tmp_path, stand_in, local_ray):
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     later = write_plan(tmp_path / "fewshot.plan", runs, [
         "train_multi_domain.py --num_train_epochs 30 --output_dir R/few/m/seed1"])
@@ -181,16 +252,14 @@ def test_earlier_plans_first(tmp_path, stand_in):
         "train_domain.py --domain a --output_dir R/t/{domain}/seed1"])
     assert scheduler.main([first, later, "--jobs", "1", "--python", stand_in,
                            "--log_dir", str(logs)]) == 0
-    order = [line.split()[1] for line in (tmp_path / "started.log").read_text().splitlines()]
-    assert order == [f"{runs}/t/a/seed1", f"{runs}/few/m/seed1"]
-
+    assert started(tmp_path) == [f"{runs}/t/a/seed1", f"{runs}/few/m/seed1"]
 
 
 @pytest.mark.parametrize("order, expected", [
     ("chain", ["t/a", "t/b", "s/a", "s/b"]),      # both teachers first: the longer chains
     ("students", ["t/a", "s/a", "t/b", "s/b"]),   # a teacher's student before the next teacher
 ])
-def test_order_of_ready_jobs(tmp_path, stand_in, order, expected):
+def test_order_of_ready_jobs(tmp_path, stand_in, local_ray, order, expected):
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     plan = write_plan(tmp_path / "table.plan", runs, [
         "train_domain.py --domain a b --output_dir R/t/{domain}/seed1",
@@ -198,15 +267,16 @@ def test_order_of_ready_jobs(tmp_path, stand_in, order, expected):
         "--output_dir R/s/{domain}/seed1"])
     assert scheduler.main([plan, "--split", "--jobs", "1", "--python", stand_in,
                            "--log_dir", str(logs), "--order", order]) == 0
-    started = [line.split()[1] for line in (tmp_path / "started.log").read_text().splitlines()]
-    assert [os.path.relpath(path, runs).rsplit("/", 1)[0] for path in started] == expected
+    assert [os.path.relpath(path, runs).rsplit("/", 1)[0] for path in started(tmp_path)] == \
+        expected
 
 
-def test_reproduce_with_jobs_runs_the_stages_through_the_scheduler(tmp_path, sample):
+def test_reproduce_with_jobs_runs_the_stages_through_the_scheduler(tmp_path, sample, ray_token):
     # the stand-in fakes the stage scripts; the rest (utils.py, data_processing.py, TF-IDF,
     # report.py) runs on the real interpreter against the generated reviews
     real = tmp_path / "python"
-    real.write_text(STAND_IN.format(python=sys.executable, root=ROOT).replace(
+    real.write_text(STAND_IN.format(python=sys.executable, root=ROOT,
+                                    log=str(tmp_path / "started.log")).replace(
         "\nargs = sys.argv[2:]",
         "\nif os.path.basename(sys.argv[1]) not in ('train_domain.py', 'train_multi_domain.py',"
         " 'finetune_domain.py', 'finetune_multi_domain.py'):\n"
@@ -216,8 +286,7 @@ def test_reproduce_with_jobs_runs_the_stages_through_the_scheduler(tmp_path, sam
     real.chmod(0o755)
     out = tmp_path / "runs"
     env = dict(os.environ, PYTHON=str(real), OUT_ROOT=str(out), SEEDS="42", JOBS="2",
-               FEWSHOT_PERCENTS="50", FEWSHOT_STEPS="2", AMAZON_DIR=sample["amazon"],
-               STAND_IN_LOG=str(tmp_path / "started.log"))
+               FEWSHOT_PERCENTS="50", FEWSHOT_STEPS="2", AMAZON_DIR=sample["amazon"])
     result = subprocess.run(["bash", "reproduce_amazon.sh", "fewshot"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -273,3 +342,55 @@ def test_gpu_study_run_without_the_pack_says_so_and_writes_nothing(tmp_path):
         f'error: {pack}/: no packed weights or reviews (bash gpu_study.sh pack, then carry '
         f'["{pack}"])']
     assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("address, local", [
+    (None, True), ("127.0.0.1:6379", True), ("localhost:6379", True), ("[::1]:6379", True),
+    ("ray://127.0.0.1:10001", True), ("10.0.0.7:6379", False), ("head.lab:6379", False),
+    ("ray://head.lab:10001", False), ("auto", False)])
+def test_which_addresses_are_local(address, local):
+    assert cluster.is_local(address) is local
+
+
+def test_a_cluster_of_other_machines_needs_token_authentication(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    plan = write_plan(tmp_path / "p.plan", tmp_path, ["train_domain.py --output_dir R/x"])
+    assert scheduler.main([plan, "--log_dir", str(tmp_path / "l"),
+                           "--address", "10.0.0.7:6379"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: 10.0.0.7:6379: refusing a Ray cluster of other machines without token "
+                   "authentication (whoever reaches its ports runs code on every node): export "
+                   "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
+                   "~/.ray/auth_token; README, More machines), or pass "
+                   "--allow_unauthenticated_cluster to accept the risk"]
+    assert not (tmp_path / "l").exists()
+    cluster.refuse_unauthenticated("10.0.0.7:6379", accept_risk=True)   # the flag accepts it
+    cluster.refuse_unauthenticated("10.0.0.7:6379", False, {"RAY_AUTH_MODE": "token"})
+
+
+def test_a_retry_waits_for_its_earlier_stage_and_takes_over_a_lost_node_s_lock(tmp_path,
+                                                                                monkeypatch):
+    """cluster.wait_for_runs before a try: a lock of this machine's live process is waited for
+    (up to the limit); one of a host that has left the cluster is removed; one of a host still
+    in it is left for the stage to refuse, naming its holder."""
+    import io
+    import socket
+    monkeypatch.setattr(cluster, "live_nodes", lambda: [{"NodeManagerHostname": "gpu2"}])
+    runs = {name: tmp_path / name for name in ("here", "lost", "alive")}
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for name, host, pid in (("here", socket.gethostname(), holder.pid),
+                                ("lost", "gpu9", 1234), ("alive", "gpu2", 1234)):
+            runs[name].mkdir()
+            (runs[name] / ".lock").write_text(json.dumps({"pid": pid, "host": host}))
+        log = io.StringIO()
+        began = time.time()
+        cluster.wait_for_runs([str(path) for path in runs.values()], log, wait_s=1.5)
+        assert 1.5 <= time.time() - began < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (runs["here"] / ".lock").exists() and (runs["alive"] / ".lock").exists()
+    assert not (runs["lost"] / ".lock").exists()
+    assert log.getvalue() == (f"{runs['lost']}/.lock: taking over the lock of pid 1234 on gpu9, "
+                              f"which has left the cluster\n")
