@@ -109,6 +109,11 @@ def test_one_reproduce_entry_for_both_tasks(tmp_path):
             "baseline_tfidf.py", "report.py"} <= scripts
     assert f"--data_dir {tmp_path}" in commands[0]
     assert "--domain fiction government slate telephone travel" in commands[0]
+    # presets/mnli.sh, chosen on dev: length buckets on every stage, the teachers at 2e-4
+    stages = [c for c in commands if not c.startswith(("report.py", "baseline_tfidf.py"))]
+    assert all("--length_buckets" in c for c in stages)
+    teachers = [c for c in stages if c.startswith("train_") and "--init_layers" not in c]
+    assert teachers and all("--learning_rate 2e-4" in c for c in teachers)
     wrong = subprocess.run(["bash", "reproduce.sh", "poetry", "table"], cwd=ROOT, env=env,
                            capture_output=True, text=True)
     assert wrong.returncode == 1 and "unknown task 'poetry'" in wrong.stderr
