@@ -22,7 +22,7 @@ demo: setup
 	PYTHON=$(PY) bash demo.sh
 
 test: setup-dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadscope tests
 
 clean:
 	rm -rf demo_runs .pytest_cache

@@ -12,7 +12,14 @@ sys.path.insert(0, ROOT)
 import sample_corpus  # noqa: E402
 from modeling import BertConfig  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (make test: one worker a core) each worker and the stage processes it
+# starts keep to one thread, so that the workers do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 # Feature caches of the test runs (and of the stage processes they start) go to a folder of
 # the session, not the user's ~/.cache/hrkd.
