@@ -30,7 +30,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
-ATTEMPTS = 3              # the tries of one run: the first and two more (a lost node, a failure)
+# The tries of one run: the first and two more (a lost node, a failed stage). A worker that
+# Ray's memory monitor kills is tried again besides, by Ray's own policy for memory kills
+# (seen here: seven tries of one run while another process filled the memory), each resuming.
+ATTEMPTS = 3
 STOP_GRACE_S = 300        # a stopped stage's time to reach a step boundary and save its state
 LOCK_WAIT_S = 300         # a retry's wait for the stage of an earlier try to let go of its run
 ATTEMPT_HEADER = "== attempt "   # the line each try writes into the job's log before its output
@@ -126,7 +129,13 @@ def connect(address: Optional[str], project_dir: str, num_cpus: Optional[int] = 
             started = False
     except Exception as error:  # Ray's own: a refused token, no cluster at the address
         text = " ".join(str(error).split()) or type(error).__name__
-        hint = f"; {FIX_AUTH}" if "auth" in text.lower() or "token" in text.lower() else ""
+        token_on = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+        # Ray >= 2.5x's `ray start` turns token authentication on by default, and a client
+        # without RAY_AUTH_MODE=token only sees that it cannot connect
+        named = "auth" in text.lower() or "token" in text.lower()
+        hint = f"; {FIX_AUTH}" if named else ""
+        if not named and address not in (None, "", "local") and not token_on:
+            hint = f"; if the cluster uses token authentication (ray start's default), {FIX_AUTH}"
         raise ClusterError(f"{address or 'a local Ray instance'}: {text[:300]}{hint}") from None
     url = getattr(context, "dashboard_url", "") or ""
     return Connection(started_here=started,
@@ -302,7 +311,7 @@ def run_stage(argv: Sequence[str], python: str, cwd: str, log_path: str, runs: S
             env[var] = str(threads)
     host, began = socket.gethostname(), time.time()
     with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"{ATTEMPT_HEADER}{attempt} of {ATTEMPTS} on {host} (node {this_node()}) at "
+        log.write(f"{ATTEMPT_HEADER}{attempt} on {host} (node {this_node()}) at "
                   f"{time.strftime('%F %T')}: {' '.join(argv)}\n")
         log.flush()
         wait_for_runs([os.path.join(cwd, run) for run in runs], log)

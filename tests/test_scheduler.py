@@ -172,7 +172,7 @@ def test_runs_after_teachers_skips_a_failure_s_dependants_and_keeps_small_files(
     log = (logs / "002_t.fail.seed1.log").read_text()
     assert log.startswith("train_domain.py --domain fail")
     tries = [line for line in log.splitlines() if line.startswith("== attempt ")]
-    assert [line.split(" of ")[0] for line in tries] == [f"== attempt {n}" for n in (1, 2, 3)]
+    assert [line.split(" on ")[0] for line in tries] == [f"== attempt {n}" for n in (1, 2, 3)]
     assert [line.endswith("--skip_finished") for line in tries] == [False, True, True]
     assert started(tmp_path).count(f"{runs}/t/fail/seed1") == 3
     out = capsys.readouterr().out
@@ -366,6 +366,29 @@ def test_a_cluster_of_other_machines_needs_token_authentication(tmp_path, capsys
     assert not (tmp_path / "l").exists()
     cluster.refuse_unauthenticated("10.0.0.7:6379", accept_risk=True)   # the flag accepts it
     cluster.refuse_unauthenticated("10.0.0.7:6379", False, {"RAY_AUTH_MODE": "token"})
+
+
+def test_a_cluster_that_cannot_be_reached_is_one_line_with_the_token_hint(monkeypatch):
+    """`ray start` turns token authentication on by default (Ray 2.60), and a client without
+    RAY_AUTH_MODE=token learns only that it cannot connect: the line says what to try."""
+    import ray
+
+    def refused(**_kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:6390")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(cluster.ClusterError) as error:
+        cluster.connect("127.0.0.1:6390", ROOT)
+    assert str(error.value) == (
+        "127.0.0.1:6390: Failed to connect to Ray cluster at 127.0.0.1:6390; if the cluster "
+        "uses token authentication (ray start's default), export RAY_AUTH_MODE=token and the "
+        "cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token; README, More machines)")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")   # already on: the cause lies elsewhere
+    with pytest.raises(cluster.ClusterError) as error:
+        cluster.connect("127.0.0.1:6390", ROOT)
+    assert str(error.value) == "127.0.0.1:6390: Failed to connect to Ray cluster at 127.0.0.1:6390"
 
 
 def test_a_retry_waits_for_its_earlier_stage_and_takes_over_a_lost_node_s_lock(tmp_path,
