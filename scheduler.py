@@ -39,6 +39,7 @@ was stopped (they resume on a later call: the stages keep a resume state), 2 on 
 refused cluster.
 """
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -303,6 +304,11 @@ class Scheduler:
         elif isinstance(outcome, (errors.TaskCancelledError, KeyboardInterrupt)) or isinstance(
                 getattr(outcome, "cause", None), cluster.StageStopped):
             self.state[index], code = "stopped", 143
+        elif isinstance(outcome, errors.LocalRayletDiedError):
+            # Ray itself is gone from this machine (`ray stop`, a killed instance): every
+            # later task would fail the same way, so the call ends here and says what is left
+            self.state[index], code = "stopped", 1
+            self.stop_reason = self.stop_reason or "Ray's local raylet died"
         else:
             cause = getattr(outcome, "cause", None)
             if isinstance(cause, cluster.StageFailed):
@@ -366,7 +372,8 @@ class Scheduler:
             log_path = os.path.join(self.log_dir, f"{self.jobs[index].name}.log")
             open(cluster.stop_file(log_path), "w").close()
         for ref in self.running:   # a task not yet begun never starts its stage
-            ray.cancel(ref)
+            with contextlib.suppress(Exception):   # Ray may be gone already
+                ray.cancel(ref)
         end = time.time() + cluster.STOP_GRACE_S + 30
         while self.running and time.time() < end:
             self.collect(timeout=1.0)

@@ -244,6 +244,22 @@ def test_gives_up_when_the_first_jobs_all_fail(tmp_path, stand_in, local_ray):
     assert f"{runs}/t/slow/seed1" not in started(tmp_path)
 
 
+def test_a_dead_raylet_ends_the_call_instead_of_failing_every_run(tmp_path, capsys):
+    """Ray gone from this machine (`ray stop` by someone else, a killed instance): the run it
+    held is recorded as stopped, not failed, and no other run is started."""
+    import ray.exceptions
+    jobs = scheduler.link(scheduler.read_plan([
+        f"train_domain.py --output_dir {tmp_path}/runs/a",
+        f"train_domain.py --output_dir {tmp_path}/runs/b"]))
+    sched = scheduler.Scheduler(jobs, 1, sys.executable, str(tmp_path / "logs"))
+    os.makedirs(sched.log_dir)
+    sched.state[0], sched.started[0] = "running", time.time()
+    sched.finish(0, ray.exceptions.LocalRayletDiedError())
+    assert sched.state == ["stopped", "waiting"]
+    assert sched.stop_reason == "Ray's local raylet died"
+    assert "stopped 000_" in capsys.readouterr().out
+
+
 def test_earlier_plans_first(tmp_path, stand_in, local_ray):
     runs, logs = tmp_path / "runs", tmp_path / "logs"
     later = write_plan(tmp_path / "fewshot.plan", runs, [
