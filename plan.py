@@ -1,11 +1,12 @@
-"""What a step of reproduce_amazon.sh still has to run, and about how long it will take.
+"""What a step of reproduce.sh (either task) still has to run, and about how long it takes.
 
 Reads the commands of a dry run (``PYTHON=echo``: one stage command per line, and the
 ``== <stage>`` lines that ``timed`` prints) on stdin; expands each command's run directories
 (``{domain}`` over --domain, ``{variant}`` over --variant); asks each run its state
 (utils.run_status); estimates the time of what is left from the finished runs under --runs
-(seconds per step of the same script at the same sequence length: timing.json's wall
-seconds, else config.json's "started" to results.json's last write, the finished marker; runs
+(seconds per step of the same script at the same sequence length, on the same task, with the
+same batches, padded or --length_buckets: timing.json's wall seconds, else config.json's
+"started" to results.json's last write, the finished marker; runs
 that were resumed are not used) that ran on --machine, or, where none alike did, from the
 committed runs under --pace that ran on --machine, and last from those under --runs that ran
 on other machines (a study's folder that moved between machines of two speeds). Prints one
@@ -43,6 +44,8 @@ class PlannedRun:
     epochs: float
     max_steps: int
     blocks: int = 0                     # --init_layers count (a student's model on labels)
+    task: str = ""                      # --task: another task's steps are other steps
+    buckets: bool = False               # --length_buckets: shorter steps than padded ones
     state: str = "missing"
     step: Optional[int] = None
     total_steps: Optional[int] = None
@@ -102,7 +105,8 @@ def parse_commands(lines) -> List[Section]:
             sections[-1].runs.append(PlannedRun(
                 script, path, int(number("--max_seq_length", 128)),
                 number("--train_ratio", 0.9), number("--num_train_epochs", 1),
-                int(number("--max_steps", 0)), len(flag_values(words, "--init_layers"))))
+                int(number("--max_steps", 0)), len(flag_values(words, "--init_layers")),
+                (flag_values(words, "--task") or [""])[0], "--length_buckets" in words))
     return [s for s in sections if s.runs]
 
 
@@ -138,6 +142,8 @@ class Measured:
     seconds: float
     blocks: int = 0
     machine: Optional[str] = None   # config.json's description of where it ran, if it says
+    task: str = ""
+    buckets: bool = False
 
 
 def measured_runs(root: str, machine: Optional[str] = None) -> List[Measured]:
@@ -160,7 +166,8 @@ def measured_runs(root: str, machine: Optional[str] = None) -> List[Measured]:
                               float(args.get("num_train_epochs", 1)),
                               int(args.get("max_steps", 0)), int(finished["train_steps"]),
                               seconds, len(args.get("init_layers") or []),
-                              config.get("machine")))
+                              config.get("machine"), args.get("task") or "",
+                              bool(args.get("length_buckets"))))
     return found
 
 
@@ -169,9 +176,10 @@ def estimate(run: PlannedRun, measured: List[Measured]) -> Optional[float]:
     the same script and sequence length; the steps from the run itself, its --max_steps, or a
     finished run's steps scaled by the training ratio and the epochs."""
     # same script, sequence length and model (a student's blocks trained on the labels run at
-    # a student's pace, not a teacher's)
+    # a student's pace, not a teacher's), same task (its domains, their sizes: the steps of an
+    # epoch) and batches (length-bucketed steps are shorter than padded ones)
     same = [m for m in measured if m.script == run.script and m.seq_length == run.seq_length
-            and m.blocks == run.blocks]
+            and m.blocks == run.blocks and m.task == run.task and m.buckets == run.buckets]
     if not same:
         return None
     per_step = sum(m.seconds for m in same) / sum(m.steps for m in same)

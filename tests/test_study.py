@@ -385,7 +385,7 @@ def test_reproduce_left_on_a_fresh_clone_goes_by_the_committed_runs_of_this_mach
         run = pace / f"train_domain/amazon/books/seed{seed}"
         _committed_run(run, machine, 306, steps=153)
         config = json.loads((run / "config.json").read_text())
-        config["args"].update(max_seq_length=128, num_train_epochs=3)
+        config["args"].update(max_seq_length=128, num_train_epochs=3, task="amazon")
         (run / "config.json").write_text(json.dumps(config))
     result = subprocess.run(["bash", "reproduce_amazon.sh", "left"], capture_output=True,
                             text=True, cwd=ROOT, timeout=300, env=dict(
@@ -471,6 +471,29 @@ def test_plan_does_not_time_a_students_model_at_a_teachers_pace(tmp_path):
     _, seconds, unknown = plan.summarise(plan.parse_commands(lines), str(tmp_path))
     assert seconds == 0 and unknown == 1
 
+
+
+def test_plan_times_a_run_only_by_runs_of_its_task_and_batches(tmp_path):
+    # an Amazon teacher's pace (padded reviews, 4 domains' epochs) is no MNLI teacher's
+    committed = tmp_path / "results"
+    _committed_run(committed / "train_domain/amazon/books/seed42", "this CPU", 120,
+                   task="amazon")  # 2 s a step, padded
+    lines = [f"train_domain.py --task mnli --domain fiction --max_seq_length 32 "
+             f"--train_ratio 0.9 --num_train_epochs 2 --length_buckets --output_dir "
+             f"{tmp_path}/runs/train_domain/mnli/{{domain}}/seed42"]
+    commands = plan.parse_commands(lines)
+    assert (commands[0].runs[0].task, commands[0].runs[0].buckets) == ("mnli", True)
+    runs = str(tmp_path / "runs")
+    text, seconds, unknown = plan.summarise(commands, runs, (str(committed),), "this CPU")
+    assert (seconds, unknown) == (0, 1) and "without an estimate" in text
+    # an MNLI run padded to the length: still not the pace of bucketed batches
+    _committed_run(committed / "train_domain/mnli/slate/seed42", "this CPU", 240, task="mnli")
+    assert plan.summarise(commands, runs, (str(committed),), "this CPU")[1:] == (0, 1)
+    # a bucketed MNLI run of 30 steps in 30 s: 1 s a step over its 30 steps of two epochs
+    _committed_run(committed / "train_domain/mnli/travel/seed42", "this CPU", 30, steps=30,
+                   task="mnli", length_buckets=True)
+    _, seconds, unknown = plan.summarise(commands, runs, (str(committed),), "this CPU")
+    assert (seconds, unknown) == (pytest.approx(30), 0)
 
 # The few-shot length, chosen on dev ----------------------------------------------------------
 def test_tune_fewshot_dry_run_sweeps_steps_on_books_at_every_ratio(tmp_path):
