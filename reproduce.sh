@@ -5,6 +5,8 @@
 # commands produced. reproduce_amazon.sh STEP is reproduce.sh amazon STEP.
 #   bash reproduce.sh mnli table     # the MNLI table (every step below takes either task)
 #   bash reproduce.sh amazon tune      # dev sweeps behind presets/real.sh (no test figures)
+#   bash reproduce.sh amazon tune_labels  # dev sweep of the rate of the students on the labels
+#                                      # alone (part of tune)
 #   bash reproduce.sh amazon tune_fewshot  # dev sweep of the few-shot training length
 #   bash reproduce.sh amazon tune_fewshot_multi  # the same for the multi-domain students
 #   bash reproduce.sh amazon table     # every row: stages 1-4, the mix teacher, the students on
@@ -37,7 +39,9 @@ usage: bash reproduce.sh TASK STEP   (TASK: amazon, the real reviews, PRESET=rea
        the MNLI genres, PRESET=mnli; RESULTS.md)
 
   tune      dev sweeps behind the preset, the fit domain only (books, telephone; no test
-            figures)
+            figures); ends with tune_labels
+  tune_labels  dev sweep of the learning rate of the students on the labels alone (DISTILL=0;
+            TUNE_LABELS_LRS, default "1e-4 2e-4 5e-4 1e-3"), the fit domain (no test figures)
   tune_fewshot  dev sweep of the few-shot steps (TUNE_FEWSHOT_STEPS, default "30 100") at
             each ratio (TUNE_FEWSHOT_PERCENTS, or one in TUNE_FEWSHOT_PERCENT; default
             FEWSHOT_PERCENTS), the fit domain: teachers, then students of the best teacher (no test
@@ -96,9 +100,9 @@ case "${TASK}" in
 esac
 STEP=${1:-}
 case "${STEP}" in
-  tune|tune_fewshot|tune_fewshot_multi|table|fewshot|all|study|left|deploy) ;;
+  tune|tune_labels|tune_fewshot|tune_fewshot_multi|table|fewshot|all|study|left|deploy) ;;
   ""|help|-h|--help) usage; exit 0 ;;
-  *) echo "error: unknown step '${STEP}' (tune, tune_fewshot, tune_fewshot_multi, table, fewshot, all, study, left or deploy; see --help)" >&2
+  *) echo "error: unknown step '${STEP}' (tune, tune_labels, tune_fewshot, tune_fewshot_multi, table, fewshot, all, study, left or deploy; see --help)" >&2
      exit 1 ;;
 esac
 
@@ -285,6 +289,22 @@ tune() {
     best_dev "${root}"/student_lr"${lr}"/finetune_domain/${TASK}/${FIT}/seed42 \
       "${root}"/student_blocks*/finetune_domain/${TASK}/${FIT}/seed42 > /dev/null
   fi
+  tune_labels
+}
+
+# The students on the labels alone (DISTILL=0: the student's model, data and epochs, no teacher)
+# get their own rate on the fit domain's dev split: the distilled students' rate need not suit
+# cross-entropy alone (on MNLI, 1e-3 left them predicting one class from the first evaluation;
+# RESULTS.md). Stage 4's student on the labels alone takes the same rate.
+tune_labels() {
+  local root=${OUT_ROOT}/tune lr
+  export "${DOMAINS_VAR}=${FIT}" SEEDS=42 MODE=full DO_TEST=0
+  for lr in ${TUNE_LABELS_LRS:-1e-4 2e-4 5e-4 1e-3}; do
+    OUT_ROOT=${root}/labels_lr${lr} LR=${lr} timed "tune stage 2 on the labels alone, lr ${lr}" \
+      env DISTILL=0 ${TUNE_STUDENT_EPOCHS:+EPOCHS=${TUNE_STUDENT_EPOCHS}} bash finetune_domain.sh
+  done
+  echo "dev of the students on the labels alone (${FIT}):"
+  best_dev "${root}"/labels_lr*/labels_only_domain/${TASK}/${FIT}/seed42 > /dev/null
 }
 
 # The few-shot training length, on dev, per ratio (TUNE_FEWSHOT_PERCENTS, default every ratio of
@@ -424,6 +444,7 @@ fi
 
 case "${STEP}" in
   tune) tune ;;
+  tune_labels) tune_labels ;;
   tune_fewshot) tune_fewshot ;;
   tune_fewshot_multi) tune_fewshot_multi ;;
   table) table full ;;
