@@ -41,7 +41,8 @@ usage: bash reproduce.sh TASK STEP   (TASK: amazon, the real reviews, PRESET=rea
   tune      dev sweeps behind the preset, the fit domain only (books, telephone; no test
             figures); ends with tune_labels
   tune_labels  dev sweep of the learning rate of the students on the labels alone (DISTILL=0;
-            TUNE_LABELS_LRS, default "1e-4 2e-4 5e-4 1e-3"), the fit domain (no test figures)
+            TUNE_LABELS_LRS, default "5e-5 1e-4 2e-4 5e-4 1e-3"), the fit domain (no test
+            figures)
   tune_fewshot  dev sweep of the few-shot steps (TUNE_FEWSHOT_STEPS, default "30 100") at
             each ratio (TUNE_FEWSHOT_PERCENTS, or one in TUNE_FEWSHOT_PERCENT; default
             FEWSHOT_PERCENTS), the fit domain: teachers, then students of the best teacher (no test
@@ -299,7 +300,7 @@ tune() {
 tune_labels() {
   local root=${OUT_ROOT}/tune lr
   export "${DOMAINS_VAR}=${FIT}" SEEDS=42 MODE=full DO_TEST=0
-  for lr in ${TUNE_LABELS_LRS:-1e-4 2e-4 5e-4 1e-3}; do
+  for lr in ${TUNE_LABELS_LRS:-5e-5 1e-4 2e-4 5e-4 1e-3}; do
     OUT_ROOT=${root}/labels_lr${lr} LR=${lr} timed "tune stage 2 on the labels alone, lr ${lr}" \
       env DISTILL=0 ${TUNE_STUDENT_EPOCHS:+EPOCHS=${TUNE_STUDENT_EPOCHS}} bash finetune_domain.sh
   done

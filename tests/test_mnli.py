@@ -122,3 +122,24 @@ def test_one_reproduce_entry_for_both_tasks(tmp_path):
                             env=dict(env, AMAZON_DIR=str(tmp_path)), capture_output=True,
                             text=True, check=True).stdout
     assert "--task amazon" in amazon and not (tmp_path / "runs").exists()
+
+
+def test_tune_labels_sweeps_the_labels_only_rate_on_the_fit_genre(tmp_path):
+    """`reproduce.sh mnli tune_labels` (also the end of `tune`): the student's model on the labels
+    alone, telephone only, one run per rate, dev only (no test figures), each in its own folder."""
+    import subprocess
+    env = dict(os.environ, PYTHON="echo", OUT_ROOT=str(tmp_path / "runs"), MNLI_DIR=str(tmp_path))
+    for step in ("tune_labels", "tune"):
+        plan = subprocess.run(["bash", "reproduce.sh", "mnli", step], cwd=ROOT, env=env,
+                              capture_output=True, text=True, check=True).stdout
+        sweep = [line for line in plan.splitlines()
+                 if line.startswith("train_domain.py") and "/tune/labels_lr" in line]
+        assert [c.split("--learning_rate ")[1].split()[0] for c in sweep] == \
+            ["5e-5", "1e-4", "2e-4", "5e-4", "1e-3"], plan
+        for command in sweep:
+            assert "--domain telephone --init_checkpoint all-MiniLM-L6-v2 --init_layers 1 2" \
+                in command and "--do_test" not in command and "--teacher_dir" not in command
+            rate = command.split("--learning_rate ")[1].split()[0]
+            assert command.endswith(f"/tune/labels_lr{rate}/labels_only_domain/mnli/{{domain}}"
+                                    "/seed42")
+    assert not (tmp_path / "runs").exists()
