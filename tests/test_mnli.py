@@ -114,6 +114,11 @@ def test_one_reproduce_entry_for_both_tasks(tmp_path):
     assert all("--length_buckets" in c for c in stages)
     teachers = [c for c in stages if c.startswith("train_") and "--init_layers" not in c]
     assert teachers and all("--learning_rate 2e-4" in c for c in teachers)
+    # the students at 1e-3 when they distil, at 1e-4 on the labels alone (tune_labels)
+    labels_only = [c for c in stages if "/labels_only_" in c]
+    distilled = [c for c in stages if c.startswith(("finetune_domain.py", "finetune_multi"))]
+    assert len(labels_only) == 2 and all("--learning_rate 1e-4" in c for c in labels_only)
+    assert len(distilled) == 2 and all("--learning_rate 1e-3" in c for c in distilled)
     wrong = subprocess.run(["bash", "reproduce.sh", "poetry", "table"], cwd=ROOT, env=env,
                            capture_output=True, text=True)
     assert wrong.returncode == 1 and "unknown task 'poetry'" in wrong.stderr
