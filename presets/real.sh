@@ -33,7 +33,8 @@
 # predicting one class; it has not been run on the reviews, where they learned at 1e-3: 67-84%).
 # The few-shot ratios train FEWSHOT_STEPS steps, per ratio (PERCENT:STEPS), each stage's the
 # better of 30 and 100 steps on books' dev at every ratio (bash reproduce_amazon.sh tune_fewshot,
-# TUNE_FEWSHOT_PERCENT 2, 5, 10, 20; RESULTS.md): teachers 30 at 2% and 5% (65.9 against 65.3, 71.2 against 70.6: ties, the cheaper kept), 100 at 10%
+# TUNE_FEWSHOT_PERCENT 2, 5, 10, 20; RESULTS.md): teachers 30 at 2% and 5% (65.9 against 65.3,
+# 71.2 against 70.6: ties, the cheaper kept), 100 at 10%
 # and 20% (77.1 against 72.4, 80.6 against 78.2); TinyBERT-KD students 30 at 2% (58.8 against
 # 57.1), 100 from 5% (66.5 against 58.2, 74.1 against 47.1, 75.9 against 63.5: 30 steps leave
 # them near chance). Stage 3 takes stage 1's lengths (same model, 32 reviews per domain and
