@@ -200,6 +200,13 @@ def estimate(run: PlannedRun, measured: List[Measured]) -> Optional[float]:
     return per_step * max(total - (run.step or 0), 1)
 
 
+def _progress(run: PlannedRun) -> str:
+    """" at step 150 of 1210" (the total left out while the run has not recorded it yet)."""
+    if not run.step:
+        return ""
+    return f" at step {run.step}" + (f" of {run.total_steps}" if run.total_steps else "")
+
+
 def _duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
@@ -249,8 +256,7 @@ def summarise(sections: List[Section], root: str, pace: Tuple[str, ...] = (),
         lines.append(text)
         for run in left:
             if run.state != "missing":
-                lines.append(f"  {run.path}: {run.state}"
-                             + (f" at step {run.step} of {run.total_steps}" if run.step else ""))
+                lines.append(f"  {run.path}: {run.state}" + _progress(run))
     runs_left = sum(r.state != "finished" for s in sections for r in s.runs)
     footer = f"left: {plural(runs_left, 'run')}"
     if total:

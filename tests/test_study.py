@@ -270,6 +270,21 @@ def test_plan_counts_what_is_left_and_estimates_it(tmp_path):
     assert "stage 4: students: 0 of 2 runs finished, 2 left (2 without an estimate" in text
 
 
+def test_plan_names_the_step_of_a_stopped_run_without_a_total_it_does_not_know(tmp_path):
+    """A run stopped before its first evaluation has a resume step but no recorded total."""
+    early = tmp_path / "finetune_multi_domain/mnli/uniform/seed42"
+    early.mkdir(parents=True)
+    (early / "results.json").write_text(json.dumps({"resume_step": 19}))
+    later = tmp_path / "finetune_multi_domain/mnli/no_graph/seed42"
+    later.mkdir(parents=True)
+    (later / "results.json").write_text(json.dumps({
+        "resume_step": 150, "dev": {"last_step": 150, "total_steps": 1210}}))
+    lines = [f"finetune_multi_domain.py --variant uniform no_graph --output_dir "
+             f"{tmp_path}/finetune_multi_domain/mnli/{{variant}}/seed42"]
+    text, _, _ = plan.summarise(plan.parse_commands(lines), str(tmp_path))
+    assert f"{early}: incomplete at step 19\n" in text + "\n" and "None" not in text
+    assert f"{later}: incomplete at step 150 of 1210" in text
+
 
 def _committed_run(folder, machine, seconds, steps=60, **args):
     """A finished stage-1 run as results/ holds it: no weights, its wall time in timing.json
